@@ -1,0 +1,440 @@
+"""Experiment configuration: typed sections, YAML loading, dotted overrides, validation.
+
+Every field has a default, so a YAML file only lists what it changes. Loading checks
+names and types; `Config.validate` checks values and their consistency. Both raise
+`ConfigError` with one line per problem, each naming the field and the fix, before
+any rank allocates a tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names each offending field and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    dir: str = "runs/quickstart"  # the run folder: resolved config, metrics, TensorBoard, checkpoints
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    debug: bool = False  # show tracebacks instead of one-line errors
+
+
+@dataclass
+class GPASConfig:
+    enabled: bool = False
+    gate_grad_clip: Optional[float] = None  # separate gradient-norm clip for the gates (the paper: 0.01)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: Optional[int] = None  # null: dense model (mixture of experts is not available yet)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # null: one per head (multi-head attention)
+    ffn_hidden_size: Optional[int] = None  # null: 4*hidden (gelu), 8/3*hidden rounded up to 64 (swiglu)
+    seq_length: int = 256
+    vocab_size: Optional[int] = None  # null: the tokenizer's vocabulary, padded to vocab_multiple
+    vocab_multiple: int = 128
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    scaled_init: bool = True  # output projections of each layer use init_std / sqrt(2 * num_layers)
+    gpas: GPASConfig = field(default_factory=GPASConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "gelu":
+            return 4 * self.hidden_size
+        return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    context: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    expert: int = 1
+    expert_tensor: Optional[int] = None  # null: same as tensor
+    sequence_parallel: bool = False
+    order: str = "tp-cp-ep-dp-pp"  # fastest-varying axis first, as in Megatron-LM
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matrix multiplies, fp32 weights and optimizer
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward pass on one rank
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
+    stop_at_step: Optional[int] = None  # save and exit after this step (the schedule still plans for iters)
+    time_limit_minutes: Optional[float] = None  # save and exit once this run has trained this long
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    fused: Optional[bool] = None  # null: fused where the device supports it
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_iters: int = 30
+    decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    decay_iters: Optional[int] = None  # null: train.iters - warmup_iters
+    min_lr: float = 1e-4  # floor of every decay
+    wsd_decay_fraction: float = 0.2  # wsd: share of decay_iters spent in the final linear decay
+
+
+@dataclass
+class DataConfig:
+    tokenizer: Literal["byte"] = "byte"
+    prefixes: list[str] = field(default_factory=list)  # empty: the embedded corpus (Python's standard library)
+    split: str = "98,2"  # train,validation weights over documents
+    cache_dir: Optional[str] = None  # null: $FOLDTRON_CACHE or ~/.cache/foldtron
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["ntp"] = "ntp"  # next-token prediction
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # null: <run.dir>/checkpoints
+    interval: int = 100  # steps between saves; 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto: latest in dir if any; none: start fresh; or a checkpoint folder
+    save_at_end: bool = True
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 50  # steps between evaluations; 0 disables it
+    iters: int = 4  # global batches per evaluation
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Check values and their consistency for `world_size` ranks; raise one ConfigError listing all problems."""
+        errors = _Errors()
+        self._validate_ranges(errors)
+        if not errors:
+            self._validate_consistency(errors, world_size)
+        errors.raise_if_any()
+        return self
+
+    def _validate_ranges(self, e: "_Errors") -> None:
+        m, t, s = self.model, self.train, self.scheduler
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_multiple"):
+            e.positive(f"model.{name}", getattr(m, name))
+        for name in ("num_query_groups", "ffn_hidden_size", "vocab_size"):
+            if getattr(m, name) is not None:
+                e.positive(f"model.{name}", getattr(m, name))
+        e.positive("model.norm_eps", m.norm_eps)
+        e.positive("model.rope_theta", m.rope_theta)
+        e.positive("model.init_std", m.init_std)
+        if m.gpas.gate_grad_clip is not None:
+            e.positive("model.gpas.gate_grad_clip", m.gpas.gate_grad_clip)
+        for name in ("tensor", "context", "pipeline", "expert"):
+            e.positive(f"parallel.{name}", getattr(self.parallel, name))
+        e.positive("train.iters", t.iters)
+        e.positive("train.global_batch_size", t.global_batch_size)
+        e.positive("train.micro_batch_size", t.micro_batch_size)
+        e.non_negative("train.grad_clip", t.grad_clip)
+        if t.stop_at_step is not None:
+            e.positive("train.stop_at_step", t.stop_at_step)
+        if t.time_limit_minutes is not None:
+            e.positive("train.time_limit_minutes", t.time_limit_minutes)
+        e.positive("optimizer.lr", self.optimizer.lr)
+        e.non_negative("optimizer.weight_decay", self.optimizer.weight_decay)
+        for name in ("beta1", "beta2"):
+            value = getattr(self.optimizer, name)
+            if not 0.0 <= value < 1.0:
+                e.add(f"optimizer.{name}={value}: must be in [0, 1); 0.9 and 0.95 are usual")
+        e.positive("optimizer.eps", self.optimizer.eps)
+        e.non_negative("scheduler.warmup_iters", s.warmup_iters)
+        if s.decay_iters is not None:
+            e.positive("scheduler.decay_iters", s.decay_iters)
+        e.non_negative("scheduler.min_lr", s.min_lr)
+        if not 0.0 < s.wsd_decay_fraction <= 1.0:
+            e.add(f"scheduler.wsd_decay_fraction={s.wsd_decay_fraction}: must be in (0, 1]; 0.1 to 0.2 is usual")
+        e.non_negative("checkpoint.interval", self.checkpoint.interval)
+        e.positive("checkpoint.keep_last", self.checkpoint.keep_last)
+        e.non_negative("eval.interval", self.eval.interval)
+        e.positive("eval.iters", self.eval.iters)
+        e.positive("logging.interval", self.logging.interval)
+
+    def _validate_consistency(self, e: "_Errors", world_size: int) -> None:
+        m, t, s = self.model, self.train, self.scheduler
+        if m.hidden_size % m.num_attention_heads:
+            e.add(
+                f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+                f"{m.num_attention_heads}: choose a head count that divides the hidden size"
+            )
+        elif (m.hidden_size // m.num_attention_heads) % 2:
+            e.add(
+                f"model.hidden_size / model.num_attention_heads = {m.hidden_size // m.num_attention_heads} "
+                "is odd: rotary embeddings need an even head dimension"
+            )
+        if m.num_attention_heads % m.query_groups:
+            e.add(
+                f"model.num_query_groups={m.query_groups} does not divide model.num_attention_heads="
+                f"{m.num_attention_heads}: each query group must hold the same number of heads"
+            )
+        if m.moe.num_experts is not None:
+            e.add("model.moe.num_experts: mixture-of-experts layers are not available in this version; remove it")
+        if s.decay != "constant" and s.min_lr > self.optimizer.lr:
+            e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")
+        if s.warmup_iters > t.iters:
+            e.add(f"scheduler.warmup_iters={s.warmup_iters} exceeds train.iters={t.iters}: shorten the warmup")
+        try:
+            parse_split(self.data.split)
+        except ValueError as err:
+            e.add(f"data.split={self.data.split!r}: {err}")
+        p = self.parallel
+        model_parallel = p.tensor * p.context * p.pipeline
+        if world_size % model_parallel:
+            e.add(
+                f"parallel.tensor x parallel.context x parallel.pipeline = {model_parallel} does not divide "
+                f"the world size {world_size}: use sizes whose product divides the number of ranks"
+            )
+            return
+        data_parallel = world_size // model_parallel
+        per_step = t.micro_batch_size * data_parallel
+        if t.global_batch_size % per_step:
+            e.add(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+                f"{t.micro_batch_size} x data-parallel size {data_parallel} = {per_step}: "
+                f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} or a smaller micro-batch"
+            )
+
+
+def parse_split(split: str) -> tuple[float, float]:
+    """'98,2' -> (0.98, 0.02): the train and validation shares of the documents."""
+    parts = [p.strip() for p in split.split(",")]
+    if len(parts) != 2:
+        raise ValueError("expected two comma-separated weights, train and validation, like '98,2'")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError("weights must be numbers, like '98,2'") from None
+    if min(weights) < 0 or weights[0] == 0:
+        raise ValueError("weights must be non-negative and the train weight positive")
+    total = sum(weights)
+    return weights[0] / total, weights[1] / total
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def positive(self, name: str, value: float) -> None:
+        if value <= 0:
+            self.add(f"{name}={value}: must be positive")
+
+    def non_negative(self, name: str, value: float) -> None:
+        if value < 0:
+            self.add(f"{name}={value}: must be zero or positive")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("; ".join(self.lines))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML file (or nothing: all defaults), apply `section.key=value` overrides, check names and types."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (for example train.iters=50)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            suggestion = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{suggestion[0]}?" if suggestion else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        values[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, name: str) -> Any:
+    """Check `value` against the annotation `kind`; return it converted (ints to floats, '3e-4' to 3e-4)."""
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, {} if value is None else value, name + ".")
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, name)
+            except ConfigError:
+                pass
+        allowed = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
+        raise ConfigError(f"{name}={value!r}: expected {allowed}")
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            suggestion = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
+            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}{hint}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value on the command line
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r}: expected a list of {_type_name(item)}")
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r}: expected a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # run.name=123 on the command line
+        raise ConfigError(f"{name}={value!r}: expected a string")
+    raise TypeError(f"config field {name} has an unsupported annotation {kind!r}")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(kind)))
+    if typing.get_origin(kind) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))

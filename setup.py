@@ -1,0 +1,29 @@
+"""foldtron: Megatron-style 5D-parallel LLM pretraining in plain PyTorch."""
+
+from setuptools import setup
+
+setup(
+    name="foldtron",
+    version="0.1.0",
+    description="Megatron-style 5D-parallel pretraining (TP/SP, CP, EP with MoE folding, DP, PP) in PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["pretrain", "pretrain.model", "pretrain.objectives", "parallel", "data", "tools", "launch"],
+    install_requires=[
+        # torch is not pinned: a CPU machine installs its CPU build first (see README),
+        # a GPU cluster keeps the CUDA build it already has.
+        "torch>=2.6",
+        # indexed .bin/.idx datasets and the compiled index helpers; runs on the CPU.
+        "megatron-core>=0.16",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # CUDA only: FP8 and fused layers.
+        "te": ["transformer-engine[pytorch]"],
+    },
+)

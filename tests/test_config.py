@@ -1,0 +1,89 @@
+import pytest
+
+from pretrain.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_valid():
+    assert load_config(None).validate() is not None
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 128\noptimizer:\n  lr: 3e-4\n")
+    cfg = load_config(str(path), ["train.iters=7", "model.gpas.enabled=true", "data.prefixes=a"])
+    assert cfg.model.hidden_size == 128
+    assert cfg.optimizer.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string; it must become a float
+    assert cfg.train.iters == 7 and cfg.model.gpas.enabled is True
+    assert cfg.data.prefixes == ["a"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.hiden_size=64", "did you mean model.hidden_size"),
+        ("modle.hidden_size=64", "did you mean model"),
+        ("model.hidden_size=abc", "model.hidden_size='abc': expected an integer"),
+        ("model.hidden_size=1.5", "expected an integer"),
+        ("model.norm=rmsnrom", "did you mean 'rmsnorm'"),
+        ("train.grad_clip=yes", "expected a number"),
+        ("model.gpas=3", "model.gpas must be a mapping"),
+        ("trainiters=3", "must look like section.key=value"),
+    ],
+)
+def test_name_and_type_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.iters=0"], "train.iters=0: must be positive"),
+        (["optimizer.beta2=1.5"], r"optimizer.beta2=1.5: must be in \[0, 1\)"),
+        (["model.hidden_size=100", "model.num_attention_heads=3"], "not divisible by model.num_attention_heads=3"),
+        (["model.num_query_groups=3"], "model.num_query_groups=3 does not divide"),
+        (["train.global_batch_size=12", "train.micro_batch_size=8"], "use a global batch of 8"),
+        (["scheduler.warmup_iters=500"], "exceeds train.iters=300"),
+        (["scheduler.min_lr=1.0"], "above optimizer.lr"),
+        (["data.split=98"], "data.split='98'"),
+        (["model.moe.num_experts=8"], "mixture-of-experts"),
+        (["parallel.tensor=3"], "does not divide the world size 1"),
+    ],
+)
+def test_value_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides).validate()
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.iters=0", "optimizer.lr=-1"]).validate()
+    assert "train.iters" in str(err.value) and "optimizer.lr" in str(err.value)
+
+
+def test_global_batch_checked_against_data_parallel_size():
+    cfg = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=8"])
+    cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match="data-parallel size 4"):
+        cfg.validate(world_size=4)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_size: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(str(scalar))
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["model.gpas.enabled=true", "data.prefixes=[a,b]"])
+    path = tmp_path / "saved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
+    assert isinstance(cfg, Config)
