@@ -1,0 +1,1 @@
+"""The parallel engine: ranks, groups, communication and parallel layers; model-agnostic."""

@@ -1,0 +1,166 @@
+"""A decoder-only, Llama-style transformer written once against the parallel layers.
+
+token embedding -> N x [norm -> attention -> add (-> GPAS) -> norm -> MLP -> add (-> GPAS)]
+-> final norm -> output layer (optionally tied to the embedding).
+
+Attention is grouped-query with rotary position embeddings and causal
+`scaled_dot_product_attention`; the MLP is SwiGLU (GELU as an option). The fused
+query/key/value weight is laid out query group by query group, and the SwiGLU weight
+as [gate; up], so tensor parallelism splits both into whole heads and matching halves.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_normal_
+from parallel.topology import Topology
+from pretrain.config import ModelConfig
+from pretrain.model.gpas import GPASGate
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the hidden dimension."""
+
+    def __init__(self, size: int, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape [batch, 1, seq, head_dim] for the given (global) positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [b, s, d/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, topology: Topology):
+        super().__init__()
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.local_groups = cfg.query_groups // topology.tp
+        self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
+        qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * self.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology)
+        self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.local_groups, self.heads_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.heads_per_group].reshape(b, s, -1, self.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, -2].transpose(1, 2)
+        v = qkv[:, :, :, -1].transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads_per_group > 1)
+        return self.out(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, topology: Topology):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        width = 2 * cfg.ffn_size if self.swiglu else cfg.ffn_size
+        self.up = ColumnParallelLinear(cfg.hidden_size, width, topology, stride=2 if self.swiglu else 1)
+        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, topology)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, topology: Topology):
+        super().__init__()
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.attention = Attention(cfg, topology)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.mlp = MLP(cfg, topology)
+        self.gpas = GPASGate() if cfg.gpas.enabled else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), cos, sin)
+        if self.gpas is not None:
+            x = self.gpas(x)
+        x = x + self.mlp(self.mlp_norm(x))
+        if self.gpas is not None:
+            x = self.gpas(x)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology):
+        super().__init__()
+        self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, topology) for _ in range(cfg.num_layers))
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, vocab_size, topology)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [batch, seq] -> logits [batch, seq, vocab / TP] (this rank's vocabulary slice)."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+        x = self.embedding(ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.final_norm(x)
+        if self.output is not None:
+            return self.output(x)
+        return F.linear(x, self.embedding.weight)
+
+    def gpas_scales(self) -> list[float]:
+        return [layer.gpas.scale() for layer in self.layers if layer.gpas is not None]
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all shards), each counted once."""
+        return sum(math.prod(getattr(p, "full_shape", p.shape)) for p in self.parameters())
+
+    @torch.no_grad()
+    def init_parameters(self, seed: int) -> None:
+        """Draw every parameter from a generator keyed by (seed, name), then keep this rank's slice,
+        so the same seed gives the same model whatever the parallel layout."""
+        scaled_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scaled_init else self.cfg.init_std
+        tp_rank, tp_size = self.topology.tp_rank, self.topology.tp
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias") or name.endswith("gpas.gate"):
+                param.zero_()
+            else:
+                std = scaled_std if name.endswith(("attention.out.weight", "mlp.down.weight")) else self.cfg.init_std
+                generator = torch.Generator().manual_seed(_name_seed(seed, name))
+                init_normal_(param, std, generator, tp_rank, tp_size)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
+    return -(-tokenizer_vocab // multiple) * multiple

@@ -1,0 +1,152 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from parallel.tensor_parallel import take_shard
+from parallel.topology import Topology
+from pretrain.config import ModelConfig, load_config
+from pretrain.model import GPT
+from pretrain.model.gpas import GPASGate
+
+VOCAB = 64
+
+
+def small(**kw) -> ModelConfig:
+    args = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=16"]
+    args += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kw.items() if not isinstance(v, dict)]
+    cfg = load_config(None, args)
+    for k, v in kw.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                setattr(getattr(cfg.model, k), kk, vv)
+    return cfg.model
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> GPT:
+    model = GPT(cfg, VOCAB, Topology.build(1, 0))
+    model.init_parameters(seed)
+    return model
+
+
+def test_causal_future_tokens_never_change_earlier_logits():
+    model = build(small(num_query_groups=2))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[:, 9:] = (changed[:, 9:] + 7) % VOCAB
+    a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_grouped_query_attention_shapes():
+    cfg = small(num_query_groups=2)
+    model = build(cfg)
+    head_dim = 32 // 4
+    assert model.layers[0].attention.qkv.weight.shape == ((4 + 2 * 2) * head_dim, 32)
+    assert model.layers[0].attention.out.weight.shape == (32, 32)
+    assert model(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, VOCAB)
+
+
+def test_gqa_equals_attention_with_repeated_key_value_heads():
+    """Grouped-query attention must equal ordinary attention where each group's K/V is repeated per head."""
+    model = build(small(num_query_groups=2))
+    attn = model.layers[0].attention
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(16).expand(2, 16)
+    from pretrain.model.gpt import apply_rotary, rotary_cos_sin
+
+    cos, sin = rotary_cos_sin(pos, 8, 10000.0)
+    qkv = attn.qkv(x).view(2, 16, 2, 4, 8)  # 2 groups x (2 query heads + k + v)
+    q = qkv[:, :, :, :2].reshape(2, 16, 4, 8).transpose(1, 2)
+    k = qkv[:, :, :, 2].transpose(1, 2).repeat_interleave(2, dim=1)
+    v = qkv[:, :, :, 3].transpose(1, 2).repeat_interleave(2, dim=1)
+    y = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, is_causal=True)
+    expected = attn.out(y.transpose(1, 2).reshape(2, 16, 32))
+    torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embeddings_share_the_table():
+    tied, untied = build(small(tie_embeddings=True)), build(small())
+    assert tied.output is None
+    assert untied.num_parameters() - tied.num_parameters() == VOCAB * 32
+    ids = torch.randint(0, VOCAB, (1, 16))
+    tied(ids).sum().backward()
+    assert tied.embedding.weight.grad is not None and tied.embedding.weight.grad.abs().sum() > 0
+
+
+def test_same_seed_same_model_and_different_seed_differs():
+    a, b, c = build(small(), 5), build(small(), 5), build(small(), 6)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+        if p.ndim == 2:
+            assert not torch.equal(p, r), name
+
+
+def test_scaled_init_of_output_projections():
+    model = build(small(num_layers=8, hidden_size=256, num_attention_heads=4))
+    std = model.layers[0].mlp.down.weight.std().item()
+    assert math.isclose(std, 0.02 / math.sqrt(16), rel_tol=0.05)
+    assert math.isclose(model.layers[0].mlp.up.weight.std().item(), 0.02, rel_tol=0.05)
+
+
+def test_layernorm_and_gelu_options():
+    model = build(small(norm="layernorm", activation="gelu"))
+    assert model.layers[0].attn_norm.bias is not None
+    assert model.layers[0].mlp.up.weight.shape == (4 * 32, 32)
+    assert torch.isfinite(model(torch.zeros(1, 16, dtype=torch.long))).all()
+
+
+def test_take_shard_with_stride_keeps_matching_halves():
+    full = torch.arange(8.0).view(8, 1)  # [gate rows 0-3; up rows 4-7]
+    shards = [take_shard(full, 0, 2, r, 2) for r in range(2)]
+    assert shards[0].flatten().tolist() == [0, 1, 4, 5]
+    assert shards[1].flatten().tolist() == [2, 3, 6, 7]
+
+
+# ---------------------------------------------------------------- GPAS
+
+
+def test_gpas_fresh_gates_give_exactly_the_model_without_gpas():
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    plain, gated = build(small()), build(small(gpas={"enabled": True}))
+    assert len(gated.gpas_scales()) == 2 and gated.gpas_scales() == [1.0, 1.0]
+    assert torch.equal(plain(ids), gated(ids))
+
+
+def test_gpas_forward_value_is_scaled():
+    gate = GPASGate()
+    with torch.no_grad():
+        gate.gate.fill_(0.7)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(gate(x), (1 - F.silu(torch.tensor(0.7))) * x)
+    assert math.isclose(gate.scale(), 1 - 0.7 * torch.sigmoid(torch.tensor(0.7)).item(), rel_tol=1e-6)
+
+
+def test_gpas_gradient_into_activations_is_unchanged():
+    gate = GPASGate()
+    with torch.no_grad():
+        gate.gate.fill_(1.3)
+    x = torch.randn(4, 5, requires_grad=True)
+    g = torch.randn(4, 5)
+    gate(x).backward(g)
+    torch.testing.assert_close(x.grad, g)  # identity, despite the forward scaling
+    a = torch.tensor(1.3)
+    dsilu = torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a)))
+    torch.testing.assert_close(gate.gate.grad, -dsilu * (g * x.detach()).sum())
+
+
+def test_gpas_gates_scale_both_residual_sites_of_a_layer():
+    model = build(small(gpas={"enabled": True}))
+    layer = model.layers[0]
+    with torch.no_grad():
+        layer.gpas.gate.fill_(2.0)
+    scale = 1 - F.silu(torch.tensor(2.0))
+    x = torch.randn(1, 16, 32)
+    from pretrain.model.gpt import rotary_cos_sin
+
+    cos, sin = rotary_cos_sin(torch.arange(16).expand(1, 16), 8, 10000.0)
+    h = (x + layer.attention(layer.attn_norm(x), cos, sin)) * scale
+    expected = (h + layer.mlp(layer.mlp_norm(h))) * scale
+    torch.testing.assert_close(layer(x, cos, sin), expected, rtol=1e-5, atol=1e-6)
+    assert model.gpas_scales()[0] < 1.0 and model.gpas_scales()[1] == 1.0
