@@ -1,0 +1,51 @@
+"""`python -m pretrain [CONFIG.yaml] [section.key=value ...]`: train; with no config, the CPU quickstart.
+
+Bad input ends with one line naming the problem and a non-zero exit; `run.debug=true`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+USAGE = "usage: python -m pretrain [CONFIG.yaml] [section.key=value ...]  (no config: examples/quickstart.yaml)"
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\nEvery field and its default is listed in the README's config reference.")
+        return 0
+    overrides = [a for a in argv if "=" in a]
+    paths = [a for a in argv if "=" not in a]
+    debug = any(a.replace(" ", "") in ("run.debug=true", "run.debug=True") for a in overrides)
+    if len(paths) > 1:
+        print(f"foldtron: error: expected at most one config file, got {paths}\n{USAGE}", file=sys.stderr)
+        return 2
+    path = paths[0] if paths else str(QUICKSTART)
+    from data.indexed import DatasetError
+    from parallel.topology import TopologyError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError, load_config
+    from pretrain.trainer import NonFiniteLoss, train
+
+    known = (ConfigError, DatasetError, TopologyError, CheckpointError, NonFiniteLoss, OSError)
+    try:
+        cfg = load_config(path, overrides)
+        debug = cfg.run.debug
+        train(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+    except KeyboardInterrupt:
+        print("foldtron: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or not isinstance(err, known):
+            raise
+        print(f"foldtron: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""Sharded checkpoints through torch.distributed.checkpoint, written so that a crash never costs the last good one.
+
+Layout of `checkpoint.dir`:
+
+    step_00000100/      one complete checkpoint: DCP shards + .metadata, meta.json, rng_rank<r>.pt
+    latest              the name of the newest complete checkpoint
+
+A save writes `.tmp-step_.../`, renames it when every file is in place, then replaces
+`latest` (write + rename), and only then prunes old checkpoints beyond `keep_last`.
+The learning-rate schedule is a pure function of the step, so `meta.json`'s step is
+the scheduler's whole state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+LATEST = "latest"
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message says which and why."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def check_writable(ckpt_dir: str) -> None:
+    """Fail before training starts if checkpoints could not be written."""
+    probe = os.path.join(ckpt_dir, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint.dir={ckpt_dir!r} is not writable ({err.strerror}): choose another folder") from None
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def save(
+    ckpt_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+    keep_last: int, rank: int = 0,
+) -> str:
+    """Write checkpoint `step` atomically; return its folder."""
+    final = os.path.join(ckpt_dir, step_name(step))
+    tmp = os.path.join(ckpt_dir, ".tmp-" + step_name(step))
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by a save that crashed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_state(model, optimizer), checkpoint_id=tmp)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({"step": step, **meta}, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_latest(ckpt_dir, step_name(step))
+        _prune(ckpt_dir, keep_last)
+    return final
+
+
+def _write_latest(ckpt_dir: str, name: str) -> None:
+    tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+
+
+def _complete(ckpt_dir: str) -> list[str]:
+    names = [n for n in os.listdir(ckpt_dir) if n.startswith("step_") and os.path.isfile(os.path.join(ckpt_dir, n, META))]
+    return sorted(names)
+
+
+def _prune(ckpt_dir: str, keep_last: int) -> None:
+    for name in _complete(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def resolve(resume: str, ckpt_dir: str) -> Optional[str]:
+    """The checkpoint folder to resume from: `none`, `auto` (the latest in ckpt_dir, if any) or a path."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        if not os.path.isdir(resume):
+            raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+        return resume
+    if not os.path.isdir(ckpt_dir):
+        return None
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if os.path.isfile(os.path.join(ckpt_dir, name, META)):
+            return os.path.join(ckpt_dir, name)
+    complete = _complete(ckpt_dir)  # no pointer, or it names a folder that is gone: take the newest complete one
+    return os.path.join(ckpt_dir, complete[-1]) if complete else None
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path}: not a complete foldtron checkpoint (no {META})")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_signature: dict, rank: int = 0) -> dict:
+    """Restore model, optimizer and RNG from `path` after checking the model matches; return its meta."""
+    meta = read_meta(path)
+    saved = meta.get("model_signature", {})
+    different = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in model_signature.items() if saved.get(k) != v]
+    if different:
+        raise CheckpointError(f"{path} holds a different model: " + "; ".join(different) + "; resume with the model it was trained with, or checkpoint.resume=none")
+    state = _state(model, optimizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=path)
+    except Exception as err:  # DCP raises many kinds; all mean the same to the user
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    return meta
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

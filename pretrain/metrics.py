@@ -1,0 +1,111 @@
+"""What a run reports: one console line per logging interval, TensorBoard scalars, and `metrics.jsonl`.
+
+Only the main rank writes. Losses on a logged line are the mean over the steps since
+the previous logged line; throughput counts training steps only (not evaluation or
+checkpoint time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Metrics:
+    def __init__(self, run_dir: str, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True):
+        self.total_steps, self.tokens_per_step, self.enabled = total_steps, tokens_per_step, enabled
+        self.start_time = time.perf_counter()
+        self.window_losses: list[float] = []
+        self.window_time = 0.0
+        self.train_time = 0.0
+        self.steps_timed = 0
+        self.first_loss: Optional[float] = None
+        self.last_loss: Optional[float] = None
+        self.last_val_loss: Optional[float] = None
+        self.tokens = 0
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def record_step(self, loss: float, seconds: float) -> None:
+        """Every step: its loss and the wall time it took."""
+        self.window_losses.append(loss)
+        self.window_time += seconds
+        self.train_time += seconds
+        self.steps_timed += 1
+        self.tokens += self.tokens_per_step
+        if self.first_loss is None:
+            self.first_loss = loss
+        self.last_loss = loss
+
+    def log(self, step: int, values: dict) -> None:
+        """Write one record for `step` with the window's mean loss and throughput, plus `values`."""
+        if not self.window_losses:
+            return
+        loss = sum(self.window_losses) / len(self.window_losses)
+        tokens_per_sec = self.tokens_per_step * len(self.window_losses) / max(self.window_time, 1e-9)
+        self.window_losses, self.window_time = [], 0.0
+        record = {"step": step, "loss": loss, **values, "tokens_per_sec": tokens_per_sec}
+        if "val_loss" in values:
+            self.last_val_loss = values["val_loss"]
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key == "step":
+                    continue
+                if isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"{key}/{i}", v, step)
+                elif isinstance(value, dict):
+                    for k, v in value.items():
+                        self.writer.add_scalar(f"{key}/{k}", v, step)
+                else:
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        elapsed = time.perf_counter() - self.start_time
+        per_step = self.train_time / max(self.steps_timed, 1)
+        eta = per_step * (self.total_steps - step)
+        line = (
+            f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | lr {record['lr']:.3e} "
+            f"| grad norm {record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | elapsed {_duration(elapsed)} "
+            f"| eta {_duration(eta)}"
+        )
+        if "val_loss" in values:
+            line += f" | val loss {values['val_loss']:.4f} (ppl {values['val_ppl']:.2f})"
+        if "gpas_scale" in values:
+            line += " | gpas " + " ".join(f"{s:.3f}" for s in values["gpas_scale"])
+        print(line, flush=True)
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.start_time
+        parts = [f"done in {_duration(elapsed)}", f"{self.tokens:,} tokens trained"]
+        if self.first_loss is not None:
+            parts.append(f"loss {self.first_loss:.4f} -> {self.last_loss:.4f}")
+        if self.last_val_loss is not None:
+            parts.append(f"val loss {self.last_val_loss:.4f} (ppl {math.exp(min(self.last_val_loss, 50)):.2f})")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,254 @@
+"""The training loop: batches -> forward/backward per micro-batch -> clip -> step -> log -> eval -> save.
+
+Everything that can fail on bad input (config, layout, checkpoint folder, dataset files,
+a checkpoint of another model) is checked in `Trainer.__init__`, before the first step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+
+from data.loader import DataLoader, build_splits, eval_batches
+from data.tokenizers import build_tokenizer
+from parallel.topology import Topology
+from pretrain import checkpoint
+from pretrain.config import Config, ConfigError, parse_split
+from pretrain.metrics import Metrics
+from pretrain.model import GPT, padded_vocab_size
+from pretrain.objectives import next_token_loss
+from pretrain.schedule import learning_rate
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available: use run.device=auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or GPAS gates); fused where supported."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    o = cfg.optimizer
+    fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+
+
+def model_signature(cfg: Config, vocab_size: int) -> dict:
+    """What a checkpoint's tensors depend on; a resume with a different signature is refused."""
+    m = cfg.model
+    return {
+        "vocab_size": vocab_size, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
+        "ffn_hidden_size": m.ffn_size, "activation": m.activation, "norm": m.norm,
+        "tie_embeddings": m.tie_embeddings, "gpas": m.gpas.enabled,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
+        self.cfg = cfg.validate(world_size)
+        p = cfg.parallel
+        self.topology = Topology.build(world_size, rank, p.tensor, p.context, p.pipeline)
+        self.is_main = rank == 0
+        self.device = resolve_device(cfg.run.device)
+        self.ckpt_dir = cfg.checkpoint_dir
+        checkpoint.check_writable(self.ckpt_dir)
+        self.resume_from = checkpoint.resolve(cfg.checkpoint.resume, self.ckpt_dir)
+        if self.resume_from:
+            checkpoint.read_meta(self.resume_from)
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
+        if self.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids"
+            )
+        torch.manual_seed(cfg.run.seed)
+        self.model = GPT(cfg.model, self.vocab_size, self.topology).to(self.device)
+        self.model.init_parameters(cfg.run.seed)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.step, consumed = 0, 0
+        if self.resume_from:
+            meta = checkpoint.load(
+                self.resume_from, self.model, self.optimizer, model_signature(cfg, self.vocab_size), rank
+            )
+            self.step, consumed = meta["step"], meta["consumed_samples"]
+
+        train_share, _ = parse_split(cfg.data.split)
+        self.train_samples, self.valid_samples = build_splits(
+            cfg.data.prefixes, train_share, cfg.model.seq_length, cfg.run.seed, cfg.data.cache_dir
+        )
+        t = cfg.train
+        self.loader = DataLoader(
+            self.train_samples, t.global_batch_size, t.micro_batch_size, self.topology.dp_rank, self.topology.dp, consumed
+        )
+        self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        self.metrics = Metrics(cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main)
+        self.gates = [p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")]
+        self.last_saved = self.step if self.resume_from else None
+
+    # ------------------------------------------------------------------ one step
+
+    def autocast(self):
+        if self.cfg.precision.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (loss, grad norm)."""
+        step = self.step + 1
+        lr = learning_rate(step, self.cfg.train.iters, self.cfg.optimizer, self.cfg.scheduler)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = self.loader.next_step()
+        total = torch.zeros((), device=self.device)
+        for tokens in micro_batches:
+            tokens = tokens.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.model(tokens[:, :-1])
+            loss = next_token_loss(logits, tokens[:, 1:]) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        loss_value = float(total)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(
+                f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
+                "or set train.grad_clip; no weights were updated and no checkpoint was written"
+            )
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.step = step
+        return loss_value, grad_norm
+
+    def clip_gradients(self) -> float:
+        """Clip by the global norm (the GPAS gates separately when model.gpas.gate_grad_clip is set)."""
+        gate_clip = self.cfg.model.gpas.gate_grad_clip
+        gate_ids = {id(g) for g in self.gates} if gate_clip else set()
+        params = [p for p in self.model.parameters() if p.grad is not None and id(p) not in gate_ids]
+        if gate_ids:
+            torch.nn.utils.clip_grad_norm_([g for g in self.gates if g.grad is not None], gate_clip)
+        if self.cfg.train.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        t = self.cfg.train
+        for tokens in eval_batches(self.valid_samples, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
+                                   self.topology.dp_rank, self.topology.dp):
+            tokens = tokens.to(self.device)
+            with self.autocast():
+                logits = self.model(tokens[:, :-1])
+            losses.append(float(next_token_loss(logits, tokens[:, 1:])))
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def save(self) -> None:
+        meta = {
+            "consumed_samples": self.loader.consumed_samples,
+            "model_signature": model_signature(self.cfg, self.vocab_size),
+            "config": self.cfg.to_dict(),
+        }
+        path = checkpoint.save(
+            self.ckpt_dir, self.step, self.model, self.optimizer, meta, self.cfg.checkpoint.keep_last, self.topology.rank
+        )
+        self.last_saved = self.step
+        if self.is_main:
+            print(f"saved checkpoint {path}", flush=True)
+
+    # ------------------------------------------------------------------ the run
+
+    def describe(self) -> str:
+        m, t = self.cfg.model, self.cfg.train
+        data = ", ".join(self.cfg.data.prefixes) or "embedded corpus (Python standard library)"
+        lines = [
+            f"model: {self.model.num_parameters():,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
+            f"{m.num_attention_heads} heads / {m.query_groups} query groups, vocab {self.vocab_size})",
+            f"data: {data}; {self.train_samples.samples_per_epoch:,} training samples of {m.seq_length + 1} tokens per epoch",
+            f"batch: {t.global_batch_size} sequences = {self.tokens_per_step:,} tokens per step, "
+            f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
+            f"precision {self.cfg.precision.dtype}",
+        ]
+        if self.resume_from:
+            lines.append(f"resumed from {self.resume_from} at step {self.step}")
+        if self.step >= t.iters:
+            lines.append(
+                f"train.iters={t.iters} is already reached: nothing to train "
+                "(raise train.iters to continue, or checkpoint.resume=none to start over)"
+            )
+        return "\n".join(lines)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.is_main:
+            os.makedirs(cfg.run.dir, exist_ok=True)
+            with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+                f.write(cfg.to_yaml())
+            print("resolved config:\n" + _indent(cfg.to_yaml()), flush=True)
+            print(self.describe(), flush=True)
+        self.model.train()
+        t = cfg.train
+        last_step = min(t.iters, t.stop_at_step or t.iters)
+        deadline = time.perf_counter() + 60 * t.time_limit_minutes if t.time_limit_minutes else math.inf
+        try:
+            while self.step < last_step:
+                start = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                self.metrics.record_step(loss, time.perf_counter() - start)
+                step = self.step
+                evaluating = self.valid_samples is not None and cfg.eval.interval and step % cfg.eval.interval == 0
+                if evaluating or step % cfg.logging.interval == 0 or step == last_step:
+                    self.metrics.log(step, self.step_record(grad_norm, evaluating))
+                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                    self.save()
+                if time.perf_counter() > deadline:
+                    if self.is_main:
+                        print(f"train.time_limit_minutes={t.time_limit_minutes} reached at step {step}", flush=True)
+                    break
+            if (cfg.checkpoint.save_at_end or self.step < t.iters) and self.last_saved != self.step:
+                self.save()  # an early stop always saves, so the run can resume
+        finally:
+            self.metrics.close()
+        summary = self.metrics.summary()
+        if self.is_main:
+            print(summary, flush=True)
+        return {"step": self.step, "first_loss": self.metrics.first_loss, "last_loss": self.metrics.last_loss,
+                "val_loss": self.metrics.last_val_loss}
+
+    def step_record(self, grad_norm: float, evaluating: bool) -> dict:
+        record = {
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "consumed_samples": self.loader.consumed_samples,
+        }
+        if evaluating:
+            val_loss = self.evaluate()
+            record["val_loss"] = val_loss
+            record["val_ppl"] = math.exp(min(val_loss, 50.0))
+        if self.gates:
+            record["gpas_scale"] = self.model.gpas_scales()
+        return record
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines())
+
+
+def train(cfg: Config, world_size: int = 1, rank: int = 0) -> dict:
+    return Trainer(cfg, world_size, rank).run()

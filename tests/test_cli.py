@@ -1,0 +1,75 @@
+"""`python -m pretrain` on bad input: one line naming the problem, a non-zero exit, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("foldtron: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def tiny_args(tmp_path, corpus):
+    return [f"run.dir={tmp_path}/run", "model.num_layers=1", "model.hidden_size=32", "model.seq_length=16",
+            "train.iters=2", "train.global_batch_size=2", "train.micro_batch_size=2", "scheduler.warmup_iters=1",
+            f"data.prefixes=[{corpus}]", "logging.tensorboard=false", "eval.interval=0"]
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(run(str(tmp_path / "nope.yaml")), "nope.yaml", "does not exist")
+
+
+def test_yaml_syntax_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  iters: [3\n")
+    assert_one_line_error(run(str(path)), "not valid YAML", "line")
+
+
+def test_unknown_key_and_range_error():
+    assert_one_line_error(run("train.iter=5"), "unknown config key train.iter", "did you mean train.iters")
+    assert_one_line_error(run("train.iters=-5"), "train.iters=-5: must be positive")
+
+
+def test_missing_dataset_prefix(tmp_path):
+    assert_one_line_error(run(*tiny_args(tmp_path, tmp_path / "absent")), "absent", "does not exist")
+
+
+def test_corrupt_index(tmp_path, tiny_corpus):
+    import shutil
+
+    prefix = str(tmp_path / "copy")
+    shutil.copy(tiny_corpus + ".bin", prefix + ".bin")
+    with open(tiny_corpus + ".idx", "rb") as f:
+        data = f.read()
+    with open(prefix + ".idx", "wb") as f:
+        f.write(data[: len(data) // 2])
+    assert_one_line_error(run(*tiny_args(tmp_path, prefix)), "copy.idx", "truncated")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_shows_the_traceback(tmp_path, debug):
+    result = run(str(tmp_path / "nope.yaml"), f"run.debug={str(debug).lower()}")
+    assert result.returncode != 0
+    assert ("Traceback" in result.stderr) == debug
+
+
+def test_a_short_run_end_to_end(tmp_path, tiny_corpus):
+    result = run(*tiny_args(tmp_path, tiny_corpus))
+    assert result.returncode == 0, result.stderr
+    assert "step 2/2" in result.stdout and "done in" in result.stdout
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json")

@@ -1,0 +1,137 @@
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError
+from pretrain.trainer import NonFiniteLoss, Trainer, train
+
+
+def read_metrics(cfg):
+    with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=30", "checkpoint.interval=0", "logging.tensorboard=true")
+    summary = train(cfg)
+    records = read_metrics(cfg)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples"):
+        assert key in records[0]
+    assert records[-1]["consumed_samples"] == 30 * 4
+    assert "val_loss" in records[2] and "val_loss" not in records[1]
+    assert summary["last_loss"] < summary["first_loss"] - 1.0
+    assert os.listdir(os.path.join(cfg.run.dir, "tensorboard"))
+    assert os.path.isfile(os.path.join(cfg.run.dir, "config.yaml"))
+    assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000030")  # saved at the end
+
+
+def test_same_seed_same_losses(tmp_path, tiny_corpus):
+    a = tiny_config(tmp_path / "a", tiny_corpus)
+    b = tiny_config(tmp_path / "b", tiny_corpus)
+    train(a), train(b)
+    assert [r["loss"] for r in read_metrics(a)] == [r["loss"] for r in read_metrics(b)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, precision):
+    extra = (f"precision.dtype={precision}", "model.gpas.enabled=true")
+    full = tiny_config(tmp_path / "full", tiny_corpus, *extra)
+    train(full)
+    part = tiny_config(tmp_path / "part", tiny_corpus, *extra, "train.stop_at_step=3", "checkpoint.interval=0")
+    train(part)  # stops after step 3 and saves: the schedule still plans for 6 steps
+    # the second half reads the same run folder and resumes from its latest checkpoint (step 3)
+    rest = tiny_config(tmp_path / "part", tiny_corpus, *extra, "checkpoint.interval=0")
+    trainer = Trainer(rest)
+    assert trainer.step == 3 and trainer.loader.consumed_samples == 12
+    trainer.run()
+    expected = [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(full)]
+    got = [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(rest)]
+    assert got == expected  # bitwise: same floats
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=8", "checkpoint.interval=2", "checkpoint.keep_last=2")
+    train(cfg)
+    names = sorted(n for n in os.listdir(cfg.checkpoint_dir) if n.startswith("step_"))
+    assert names == ["step_00000006", "step_00000008"]
+    with open(os.path.join(cfg.checkpoint_dir, "latest")) as f:
+        assert f.read().strip() == "step_00000008"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_corpus, "checkpoint.interval=2")
+    trainer = Trainer(cfg)
+    original = trainer.model.forward
+
+    def poisoned(ids, positions=None):
+        out = original(ids, positions)
+        return out * float("nan") if trainer.step >= 4 else out
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="at step 5"):
+        trainer.run()
+    assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000004")
+
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3", "checkpoint.interval=3")
+    train(cfg)
+    good = checkpoint.resolve("auto", cfg.checkpoint_dir)
+    before = sorted(os.listdir(good))
+
+    def crash(state_dict, checkpoint_id):
+        os.makedirs(checkpoint_id, exist_ok=True)
+        with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:
+            f.write(b"half a shard")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", crash)
+    more = tiny_config(tmp_path, tiny_corpus, "train.iters=6", "checkpoint.interval=3")
+    with pytest.raises(OSError, match="disk full"):
+        train(more)
+    monkeypatch.undo()
+    assert checkpoint.resolve("auto", cfg.checkpoint_dir) == good
+    assert sorted(os.listdir(good)) == before
+    resumed = Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))  # and it still loads
+    assert resumed.step == 3
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_corpus):
+    train(tiny_config(tmp_path, tiny_corpus, "train.iters=3"))
+    with pytest.raises(CheckpointError, match="hidden_size 32 .checkpoint. vs 64 .config."):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "model.hidden_size=64"))
+
+
+def test_missing_checkpoint_path_is_an_error(tmp_path, tiny_corpus):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, f"checkpoint.resume={tmp_path / 'nope'}"))
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, tiny_corpus):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError, match="not writable"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, f"checkpoint.dir={blocker / 'ckpt'}"))
+
+
+def test_gpas_gate_gradient_clipping_is_separate(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "model.gpas.enabled=true", "model.gpas.gate_grad_clip=1e-6",
+                      "train.grad_clip=0")
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    gates = torch.stack([g.grad for g in trainer.gates])
+    assert gates.norm() <= 1e-6 * (1 + 1e-4)
+    others = [p.grad for n, p in trainer.model.named_parameters() if not n.endswith("gate")]
+    assert torch.nn.utils.get_total_norm(others) > 1e-3  # not clipped with the gates
+
+
+def test_time_limit_saves_and_stops(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.time_limit_minutes=1e-9", "checkpoint.interval=0",
+                      "checkpoint.save_at_end=false")
+    assert train(cfg)["step"] == 1
+    assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000001")
