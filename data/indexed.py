@@ -51,7 +51,7 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int, type]:
     with open(idx_path, "rb") as f:
         header = f.read(len(MAGIC) + 8 + 1 + 8 + 8)
     if len(header) < len(MAGIC) or header[: len(MAGIC)] != MAGIC:
-        raise DatasetError(f"{idx_path}: not a Megatron index (wrong magic bytes); rebuild it with tools.preprocess_data")
+        raise DatasetError(f"{idx_path}: not a Megatron index (wrong magic bytes); rebuild the dataset")
     if len(header) < len(MAGIC) + 25:
         raise DatasetError(f"{idx_path}: truncated header ({idx_size} bytes); rebuild it")
     (version,) = struct.unpack("<Q", header[9:17])

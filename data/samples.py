@@ -8,8 +8,6 @@ label of one is the first input of the next), as in Megatron-LM.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from data.indexed import DatasetError, open_indexed_dataset
@@ -54,14 +52,16 @@ class GPTSamples:
                 f"{seq_length + 1}: use more data, a shorter sequence or a different data.split"
             )
         self.tokens_per_epoch = tokens
+        self._cached_epoch: tuple[int, tuple] | None = None
 
-    @lru_cache(maxsize=2)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = self.documents[rng.permutation(len(self.documents))]
-        starts = np.concatenate([[0], np.cumsum(self.pool.lengths[order])])
-        sample_order = rng.permutation(self.samples_per_epoch)
-        return order, starts, sample_order
+        """Document order, their start offsets in the stream, and the sample order of `epoch` (last one cached)."""
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = self.documents[rng.permutation(len(self.documents))]
+            starts = np.concatenate([[0], np.cumsum(self.pool.lengths[order])])
+            self._cached_epoch = (epoch, (order, starts, rng.permutation(self.samples_per_epoch)))
+        return self._cached_epoch[1]
 
     def __getitem__(self, index: int) -> np.ndarray:
         epoch, j = divmod(int(index), self.samples_per_epoch)

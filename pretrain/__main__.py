@@ -20,18 +20,22 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = [a for a in argv if "=" in a]
     paths = [a for a in argv if "=" not in a]
-    debug = any(a.replace(" ", "") in ("run.debug=true", "run.debug=True") for a in overrides)
+    debug = any(a.startswith("run.debug=") and _yaml_true(a.partition("=")[2]) for a in overrides)
     if len(paths) > 1:
         print(f"foldtron: error: expected at most one config file, got {paths}\n{USAGE}", file=sys.stderr)
+        return 2
+    if not paths and not QUICKSTART.is_file():
+        print(f"foldtron: error: {QUICKSTART} not found: the quickstart runs from a source checkout "
+              "(pip install -e .); or pass a config file", file=sys.stderr)
         return 2
     path = paths[0] if paths else str(QUICKSTART)
     from data.indexed import DatasetError
     from parallel.topology import TopologyError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
-    from pretrain.trainer import NonFiniteLoss, train
+    from pretrain.trainer import NonFiniteError, train
 
-    known = (ConfigError, DatasetError, TopologyError, CheckpointError, NonFiniteLoss, OSError)
+    known = (ConfigError, DatasetError, TopologyError, CheckpointError, NonFiniteError, OSError)
     try:
         cfg = load_config(path, overrides)
         debug = cfg.run.debug
@@ -45,6 +49,15 @@ def main(argv: list[str]) -> int:
         print(f"foldtron: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0
+
+
+def _yaml_true(text: str) -> bool:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) is True
+    except yaml.YAMLError:
+        return False
 
 
 if __name__ == "__main__":

@@ -70,10 +70,14 @@ def save(
     if rank == 0:
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"step": step, **meta}, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        stale = None
+        if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
+            stale = final + ".old"
+            os.replace(final, stale)
         os.rename(tmp, final)
         _write_latest(ckpt_dir, step_name(step))
+        if stale:
+            shutil.rmtree(stale)
         _prune(ckpt_dir, keep_last)
     return final
 
@@ -86,8 +90,23 @@ def _write_latest(ckpt_dir: str, name: str) -> None:
 
 
 def _complete(ckpt_dir: str) -> list[str]:
-    names = [n for n in os.listdir(ckpt_dir) if n.startswith("step_") and os.path.isfile(os.path.join(ckpt_dir, n, META))]
+    names = [
+        n for n in os.listdir(ckpt_dir)
+        if n.startswith("step_") and not n.endswith(".old") and os.path.isfile(os.path.join(ckpt_dir, n, META))
+    ]
     return sorted(names)
+
+
+def check_no_later_checkpoints(ckpt_dir: str, start_step: int) -> None:
+    """Refuse to write into a folder that holds checkpoints ahead of this run: pruning would mix two runs."""
+    if not os.path.isdir(ckpt_dir):
+        return
+    later = [n for n in _complete(ckpt_dir) if int(n[len("step_"):]) > start_step]
+    if later:
+        raise CheckpointError(
+            f"checkpoint.dir={ckpt_dir!r} already holds {later[-1]}, ahead of step {start_step} where this run "
+            "starts: use another run.dir or checkpoint.dir, or checkpoint.resume=auto to continue that run"
+        )
 
 
 def _prune(ckpt_dir: str, keep_last: int) -> None:
@@ -119,30 +138,41 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path}: not a complete foldtron checkpoint (no {META})")
-    with open(meta_path) as f:
-        return json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        int(meta["step"]), int(meta["consumed_samples"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); resume from another checkpoint") from None
+    return meta
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_signature: dict, rank: int = 0) -> dict:
-    """Restore model, optimizer and RNG from `path` after checking the model matches; return its meta."""
-    meta = read_meta(path)
+def check_compatible(path: str, meta: dict, model_signature: dict) -> None:
+    """Refuse a checkpoint of another model before anything is loaded."""
     saved = meta.get("model_signature", {})
     different = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in model_signature.items() if saved.get(k) != v]
     if different:
-        raise CheckpointError(f"{path} holds a different model: " + "; ".join(different) + "; resume with the model it was trained with, or checkpoint.resume=none")
+        raise CheckpointError(
+            f"{path} holds a different model: " + "; ".join(different)
+            + "; resume with the model it was trained with, or start a new run.dir"
+        )
+
+
+def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first); return its meta."""
+    meta = read_meta(path)
     state = _state(model, optimizer)
-    try:
+    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    try:  # DCP and torch.load raise many kinds of errors; all mean the same to the user
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=path)
-    except Exception as err:  # DCP raises many kinds; all mean the same to the user
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.isfile(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = torch.load(rng_path, weights_only=False)
+    except Exception as err:
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(err).__name__}: {first_line})") from err
+    _set_rng_state(rng)
     return meta
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -87,7 +88,7 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None
     expert: int = 1
     expert_tensor: Optional[int] = None  # null: same as tensor
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # no effect with tensor=1, as in Megatron-LM
     order: str = "tp-cp-ep-dp-pp"  # fastest-varying axis first, as in Megatron-LM
 
 
@@ -178,6 +179,16 @@ class Config:
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
 
+    def resolved(self, vocab_size: int) -> "Config":
+        """A copy with every derived value written out: what a run actually used."""
+        m, p = self.model, self.parallel
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(m, num_query_groups=m.query_groups, ffn_hidden_size=m.ffn_size, vocab_size=vocab_size),
+            parallel=dataclasses.replace(p, expert_tensor=p.expert_tensor or p.tensor),
+            checkpoint=dataclasses.replace(self.checkpoint, dir=self.checkpoint_dir),
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -205,8 +216,14 @@ class Config:
         e.positive("model.init_std", m.init_std)
         if m.gpas.gate_grad_clip is not None:
             e.positive("model.gpas.gate_grad_clip", m.gpas.gate_grad_clip)
-        for name in ("tensor", "context", "pipeline", "expert"):
-            e.positive(f"parallel.{name}", getattr(self.parallel, name))
+        p = self.parallel
+        for name in ("tensor", "context", "pipeline", "expert", "virtual_pipeline", "expert_tensor"):
+            if getattr(p, name) is not None:
+                e.positive(f"parallel.{name}", getattr(p, name))
+        axes = p.order.split("-")
+        if sorted(axes) != sorted(ORDER_AXES):
+            e.add(f"parallel.order={p.order!r}: must name each of {', '.join(ORDER_AXES)} once, joined by '-' "
+                  "(for example tp-cp-ep-dp-pp)")
         e.positive("train.iters", t.iters)
         e.positive("train.global_batch_size", t.global_batch_size)
         e.positive("train.micro_batch_size", t.micro_batch_size)
@@ -251,6 +268,10 @@ class Config:
                 f"model.num_query_groups={m.query_groups} does not divide model.num_attention_heads="
                 f"{m.num_attention_heads}: each query group must hold the same number of heads"
             )
+        if m.gpas.gate_grad_clip is not None and not m.gpas.enabled:
+            e.add("model.gpas.gate_grad_clip is set but model.gpas.enabled=false: enable GPAS or remove the clip")
+        if t.stop_at_step is not None and t.stop_at_step > t.iters:
+            e.add(f"train.stop_at_step={t.stop_at_step} is beyond train.iters={t.iters}: the run ends at train.iters")
         if m.moe.num_experts is not None:
             e.add("model.moe.num_experts: mixture-of-experts layers are not available in this version; remove it")
         if s.decay != "constant" and s.min_lr > self.optimizer.lr:
@@ -263,6 +284,12 @@ class Config:
             e.add(f"data.split={self.data.split!r}: {err}")
         p = self.parallel
         model_parallel = p.tensor * p.context * p.pipeline
+        expert_parallel = (p.expert_tensor or p.tensor) * p.expert * p.pipeline
+        if world_size % expert_parallel:
+            e.add(
+                f"parallel.expert_tensor x parallel.expert x parallel.pipeline = {expert_parallel} does not divide "
+                f"the world size {world_size}: use sizes whose product divides the number of ranks"
+            )
         if world_size % model_parallel:
             e.add(
                 f"parallel.tensor x parallel.context x parallel.pipeline = {model_parallel} does not divide "
@@ -277,6 +304,9 @@ class Config:
                 f"{t.micro_batch_size} x data-parallel size {data_parallel} = {per_step}: "
                 f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} or a smaller micro-batch"
             )
+
+
+ORDER_AXES = ("tp", "cp", "ep", "dp", "pp")
 
 
 def parse_split(split: str) -> tuple[float, float]:
@@ -305,12 +335,12 @@ class _Errors:
         self.lines.append(line)
 
     def positive(self, name: str, value: float) -> None:
-        if value <= 0:
-            self.add(f"{name}={value}: must be positive")
+        if not (value > 0 and math.isfinite(value)):
+            self.add(f"{name}={value}: must be a positive number")
 
     def non_negative(self, name: str, value: float) -> None:
-        if value < 0:
-            self.add(f"{name}={value}: must be zero or positive")
+        if not (value >= 0 and math.isfinite(value)):
+            self.add(f"{name}={value}: must be zero or a positive number")
 
     def raise_if_any(self) -> None:
         if self.lines:
@@ -329,6 +359,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         try:
             with open(path, encoding="utf-8") as f:
                 raw = yaml.safe_load(f) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

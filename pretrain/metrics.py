@@ -22,11 +22,16 @@ def _duration(seconds: float) -> str:
 
 
 class Metrics:
-    def __init__(self, run_dir: str, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True):
+    def __init__(
+        self, run_dir: str, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True,
+        resume_step: Optional[int] = None, loss_window: Optional[list[float]] = None,
+    ):
+        """`resume_step`: continuing a run, whose records up to that step are kept (later ones, from a run that
+        went on past its last checkpoint, are dropped); `loss_window`: the losses of its unfinished logging window."""
         self.total_steps, self.tokens_per_step, self.enabled = total_steps, tokens_per_step, enabled
         self.start_time = time.perf_counter()
-        self.window_losses: list[float] = []
-        self.window_time = 0.0
+        self.window_losses: list[float] = list(loss_window or [])
+        self.window_steps, self.window_time = 0, 0.0  # steps timed in this process, for throughput
         self.train_time = 0.0
         self.steps_timed = 0
         self.first_loss: Optional[float] = None
@@ -37,15 +42,19 @@ class Metrics:
         self.jsonl = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            kept = _records_up_to(path, resume_step) if resume_step is not None else []
+            self.jsonl = open(path, "w", encoding="utf-8")
+            self.jsonl.writelines(kept)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
 
     def record_step(self, loss: float, seconds: float) -> None:
         """Every step: its loss and the wall time it took."""
         self.window_losses.append(loss)
+        self.window_steps += 1
         self.window_time += seconds
         self.train_time += seconds
         self.steps_timed += 1
@@ -59,8 +68,8 @@ class Metrics:
         if not self.window_losses:
             return
         loss = sum(self.window_losses) / len(self.window_losses)
-        tokens_per_sec = self.tokens_per_step * len(self.window_losses) / max(self.window_time, 1e-9)
-        self.window_losses, self.window_time = [], 0.0
+        tokens_per_sec = self.tokens_per_step * self.window_steps / max(self.window_time, 1e-9)
+        self.window_losses, self.window_steps, self.window_time = [], 0, 0.0
         record = {"step": step, "loss": loss, **values, "tokens_per_sec": tokens_per_sec}
         if "val_loss" in values:
             self.last_val_loss = values["val_loss"]
@@ -109,3 +118,10 @@ class Metrics:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _records_up_to(path: str, step: int) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]

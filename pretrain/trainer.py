@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from data.indexed import DatasetError
 from data.loader import DataLoader, build_splits, eval_batches
 from data.tokenizers import build_tokenizer
 from parallel.topology import Topology
@@ -24,7 +25,7 @@ from pretrain.objectives import next_token_loss
 from pretrain.schedule import learning_rate
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteError(RuntimeError):
     """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
 
 
@@ -46,11 +47,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
 
-def model_signature(cfg: Config, vocab_size: int) -> dict:
+def model_signature(cfg: Config) -> dict:
     """What a checkpoint's tensors depend on; a resume with a different signature is refused."""
     m = cfg.model
     return {
-        "vocab_size": vocab_size, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+        "vocab_size": m.vocab_size, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
         "num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
         "ffn_hidden_size": m.ffn_size, "activation": m.activation, "norm": m.norm,
         "tie_embeddings": m.tie_embeddings, "gpas": m.gpas.enabled,
@@ -59,46 +60,51 @@ def model_signature(cfg: Config, vocab_size: int) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
-        self.cfg = cfg.validate(world_size)
+        cfg.validate(world_size)
         p = cfg.parallel
         self.topology = Topology.build(world_size, rank, p.tensor, p.context, p.pipeline)
         self.is_main = rank == 0
         self.device = resolve_device(cfg.run.device)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
+        if vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids")
+        self.cfg = cfg = cfg.resolved(vocab_size)
+        self.vocab_size = vocab_size
+
         self.ckpt_dir = cfg.checkpoint_dir
         checkpoint.check_writable(self.ckpt_dir)
         self.resume_from = checkpoint.resolve(cfg.checkpoint.resume, self.ckpt_dir)
+        meta = checkpoint.read_meta(self.resume_from) if self.resume_from else {"step": 0, "consumed_samples": 0}
+        checkpoint.check_no_later_checkpoints(self.ckpt_dir, meta["step"])
         if self.resume_from:
-            checkpoint.read_meta(self.resume_from)
-
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        self.vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
-        if self.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids"
-            )
-        torch.manual_seed(cfg.run.seed)
-        self.model = GPT(cfg.model, self.vocab_size, self.topology).to(self.device)
-        self.model.init_parameters(cfg.run.seed)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.step, consumed = 0, 0
-        if self.resume_from:
-            meta = checkpoint.load(
-                self.resume_from, self.model, self.optimizer, model_signature(cfg, self.vocab_size), rank
-            )
-            self.step, consumed = meta["step"], meta["consumed_samples"]
+            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg))
 
         train_share, _ = parse_split(cfg.data.split)
         self.train_samples, self.valid_samples = build_splits(
             cfg.data.prefixes, train_share, cfg.model.seq_length, cfg.run.seed, cfg.data.cache_dir
         )
+
+        torch.manual_seed(cfg.run.seed)
+        self.model = GPT(cfg.model, vocab_size, self.topology).to(self.device)
+        self.model.init_parameters(cfg.run.seed)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        if self.resume_from:
+            meta = checkpoint.load(self.resume_from, self.model, self.optimizer, rank)
+        self.step = meta["step"]
+        self.last_saved = self.step if self.resume_from else None
+
         t = cfg.train
         self.loader = DataLoader(
-            self.train_samples, t.global_batch_size, t.micro_batch_size, self.topology.dp_rank, self.topology.dp, consumed
+            self.train_samples, t.global_batch_size, t.micro_batch_size, self.topology.dp_rank, self.topology.dp,
+            meta["consumed_samples"],
         )
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
-        self.metrics = Metrics(cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main)
+        self.metrics = Metrics(
+            cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main,
+            resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
+        )
         self.gates = [p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")]
-        self.last_saved = self.step if self.resume_from else None
 
     # ------------------------------------------------------------------ one step
 
@@ -115,6 +121,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = self.loader.next_step()
+        self.check_token_range(micro_batches)
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
             tokens = tokens.to(self.device, non_blocking=True)
@@ -125,14 +132,30 @@ class Trainer:
             total += loss.detach()
         loss_value = float(total)
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(
+            raise NonFiniteError(
                 f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
                 "or set train.grad_clip; no weights were updated and no checkpoint was written"
             )
         grad_norm = self.clip_gradients()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(
+                f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
+                "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
+            )
         self.optimizer.step()
         self.step = step
         return loss_value, grad_norm
+
+    def check_token_range(self, micro_batches: list[torch.Tensor]) -> None:
+        """Ids outside the vocabulary mean data made with another tokenizer; say so instead of crashing the kernel."""
+        low = min(int(t.min()) for t in micro_batches)
+        high = max(int(t.max()) for t in micro_batches)
+        if low < 0 or high >= self.vocab_size:
+            raise DatasetError(
+                f"the data holds token id {high if high >= self.vocab_size else low}, outside the model's "
+                f"{self.vocab_size} ids (data.tokenizer={self.cfg.data.tokenizer}): the dataset was made with "
+                "another tokenizer; use its tokenizer or set model.vocab_size"
+            )
 
     def clip_gradients(self) -> float:
         """Clip by the global norm (the GPAS gates separately when model.gpas.gate_grad_clip is set)."""
@@ -152,6 +175,7 @@ class Trainer:
         t = self.cfg.train
         for tokens in eval_batches(self.valid_samples, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
                                    self.topology.dp_rank, self.topology.dp):
+            self.check_token_range([tokens])
             tokens = tokens.to(self.device)
             with self.autocast():
                 logits = self.model(tokens[:, :-1])
@@ -162,7 +186,8 @@ class Trainer:
     def save(self) -> None:
         meta = {
             "consumed_samples": self.loader.consumed_samples,
-            "model_signature": model_signature(self.cfg, self.vocab_size),
+            "model_signature": model_signature(self.cfg),
+            "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
         }
         path = checkpoint.save(
@@ -185,12 +210,14 @@ class Trainer:
             f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
             f"precision {self.cfg.precision.dtype}",
         ]
+        if self.valid_samples is None:
+            lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
         if self.step >= t.iters:
             lines.append(
                 f"train.iters={t.iters} is already reached: nothing to train "
-                "(raise train.iters to continue, or checkpoint.resume=none to start over)"
+                "(raise train.iters to continue, or use a new run.dir to start over)"
             )
         return "\n".join(lines)
 
@@ -213,7 +240,7 @@ class Trainer:
                 self.metrics.record_step(loss, time.perf_counter() - start)
                 step = self.step
                 evaluating = self.valid_samples is not None and cfg.eval.interval and step % cfg.eval.interval == 0
-                if evaluating or step % cfg.logging.interval == 0 or step == last_step:
+                if evaluating or step % cfg.logging.interval == 0 or step == t.iters:
                     self.metrics.log(step, self.step_record(grad_norm, evaluating))
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                     self.save()

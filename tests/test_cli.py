@@ -42,7 +42,7 @@ def test_yaml_syntax_error(tmp_path):
 
 def test_unknown_key_and_range_error():
     assert_one_line_error(run("train.iter=5"), "unknown config key train.iter", "did you mean train.iters")
-    assert_one_line_error(run("train.iters=-5"), "train.iters=-5: must be positive")
+    assert_one_line_error(run("train.iters=-5"), "train.iters=-5: must be a positive number")
 
 
 def test_missing_dataset_prefix(tmp_path):

@@ -38,7 +38,7 @@ def test_name_and_type_errors(override, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.iters=0"], "train.iters=0: must be positive"),
+        (["train.iters=0"], "train.iters=0: must be a positive number"),
         (["optimizer.beta2=1.5"], r"optimizer.beta2=1.5: must be in \[0, 1\)"),
         (["model.hidden_size=100", "model.num_attention_heads=3"], "not divisible by model.num_attention_heads=3"),
         (["model.num_query_groups=3"], "model.num_query_groups=3 does not divide"),
@@ -48,6 +48,13 @@ def test_name_and_type_errors(override, message):
         (["data.split=98"], "data.split='98'"),
         (["model.moe.num_experts=8"], "mixture-of-experts"),
         (["parallel.tensor=3"], "does not divide the world size 1"),
+        (["parallel.expert=4"], "parallel.expert_tensor x parallel.expert x parallel.pipeline = 4"),
+        (["parallel.order=tp-dp-pp"], "parallel.order='tp-dp-pp': must name each of"),
+        (["parallel.virtual_pipeline=0"], "parallel.virtual_pipeline=0"),
+        (["optimizer.lr=.nan"], "optimizer.lr=nan: must be a positive number"),
+        (["model.init_std=.inf"], "model.init_std=inf"),
+        (["model.gpas.gate_grad_clip=0.01"], "model.gpas.enabled=false"),
+        (["train.stop_at_step=400"], "beyond train.iters=300"),
     ],
 )
 def test_value_errors_name_the_field(overrides, message):
@@ -75,6 +82,10 @@ def test_file_errors(tmp_path):
     bad.write_text("model:\n  hidden_size: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(str(bad))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(latin))
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
@@ -87,3 +98,10 @@ def test_round_trip_through_yaml(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(str(path)) == cfg
     assert isinstance(cfg, Config)
+
+
+def test_resolved_config_writes_out_derived_values():
+    cfg = load_config(None, ["model.hidden_size=96", "model.num_attention_heads=4"]).resolved(384)
+    assert cfg.model.num_query_groups == 4 and cfg.model.vocab_size == 384
+    assert cfg.model.ffn_hidden_size == 256  # 8/3 * 96 rounded up to 64
+    assert cfg.parallel.expert_tensor == 1 and cfg.checkpoint.dir == "runs/quickstart/checkpoints"

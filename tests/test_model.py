@@ -48,21 +48,30 @@ def test_grouped_query_attention_shapes():
     assert model(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, VOCAB)
 
 
-def test_gqa_equals_attention_with_repeated_key_value_heads():
-    """Grouped-query attention must equal ordinary attention where each group's K/V is repeated per head."""
+def test_query_head_h_attends_with_key_value_group_h_over_heads_per_group():
+    """A reference written head by head from the weight rows: query head h of group g = h // 2 uses the
+    rows [g*4*d + (h%2)*d, ...) of the fused weight; its group's key and value rows follow the group's queries."""
     model = build(small(num_query_groups=2))
     attn = model.layers[0].attention
+    d, hpg = 8, 2
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
     pos = torch.arange(16).expand(2, 16)
     from pretrain.model.gpt import apply_rotary, rotary_cos_sin
 
-    cos, sin = rotary_cos_sin(pos, 8, 10000.0)
-    qkv = attn.qkv(x).view(2, 16, 2, 4, 8)  # 2 groups x (2 query heads + k + v)
-    q = qkv[:, :, :, :2].reshape(2, 16, 4, 8).transpose(1, 2)
-    k = qkv[:, :, :, 2].transpose(1, 2).repeat_interleave(2, dim=1)
-    v = qkv[:, :, :, 3].transpose(1, 2).repeat_interleave(2, dim=1)
-    y = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, is_causal=True)
-    expected = attn.out(y.transpose(1, 2).reshape(2, 16, 32))
+    cos, sin = rotary_cos_sin(pos, d, 10000.0)
+    w = attn.qkv.weight
+    outputs = []
+    for h in range(4):
+        g = h // hpg
+        base = g * (hpg + 2) * d
+        q = x @ w[base + (h % hpg) * d : base + (h % hpg + 1) * d].T
+        k = x @ w[base + hpg * d : base + (hpg + 1) * d].T
+        v = x @ w[base + (hpg + 1) * d : base + (hpg + 2) * d].T
+        q, k = apply_rotary(q[:, None], cos, sin)[:, 0], apply_rotary(k[:, None], cos, sin)[:, 0]
+        scores = (q @ k.transpose(1, 2)) / d**0.5
+        scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+        outputs.append(scores.softmax(-1) @ v)
+    expected = attn.out(torch.cat(outputs, dim=-1))
     torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-6)
 
 

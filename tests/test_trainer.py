@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError
-from pretrain.trainer import NonFiniteLoss, Trainer, train
+from data.indexed import DatasetError
+from pretrain.trainer import NonFiniteError, Trainer, train
 
 
 def read_metrics(cfg):
@@ -73,7 +74,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_co
         return out * float("nan") if trainer.step >= 4 else out
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)
-    with pytest.raises(NonFiniteLoss, match="at step 5"):
+    with pytest.raises(NonFiniteError, match="at step 5"):
         trainer.run()
     assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000004")
 
@@ -135,3 +136,67 @@ def test_time_limit_saves_and_stops(tmp_path, tiny_corpus):
                       "checkpoint.save_at_end=false")
     assert train(cfg)["step"] == 1
     assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000001")
+
+
+def test_resume_mid_logging_window_logs_the_same_records(tmp_path, tiny_corpus):
+    extra = ("logging.interval=4", "eval.interval=0", "checkpoint.interval=0", "train.iters=8")
+    full = tiny_config(tmp_path / "full", tiny_corpus, *extra)
+    train(full)
+    part = tiny_config(tmp_path / "part", tiny_corpus, *extra, "train.stop_at_step=3")
+    train(part)
+    with open(os.path.join(part.run.dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")  # a record past the checkpoint: must go
+    train(tiny_config(tmp_path / "part", tiny_corpus, *extra))
+    strip = lambda records: [(r["step"], r["loss"], r["grad_norm"]) for r in records]  # noqa: E731
+    assert strip(read_metrics(part)) == strip(read_metrics(full))
+    assert [r["step"] for r in read_metrics(full)] == [4, 8]
+
+
+def test_fresh_run_over_a_folder_with_checkpoints_is_refused(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=6")
+    train(cfg)
+    with pytest.raises(CheckpointError, match="already holds step_00000006, ahead of step 0"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "checkpoint.resume=none"))
+    older = os.path.join(cfg.checkpoint_dir, "step_00000003")
+    with pytest.raises(CheckpointError, match="ahead of step 3"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, f"checkpoint.resume={older}"))
+    assert sorted(os.listdir(cfg.checkpoint_dir)) == ["latest", "step_00000003", "step_00000006"]
+
+
+def test_corrupt_meta_is_a_checkpoint_error(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3")
+    train(cfg)
+    with open(os.path.join(cfg.checkpoint_dir, "step_00000003", "meta.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
+
+
+def test_infinite_gradient_stops_before_the_update(tmp_path, tiny_corpus):
+    trainer = Trainer(tiny_config(tmp_path, tiny_corpus))
+    before = trainer.model.embedding.weight.detach().clone()
+    trainer.model.embedding.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match="gradient norm is .* at step 1"):
+        trainer.train_step()
+    assert torch.equal(trainer.model.embedding.weight, before)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_data_error(tmp_path, tiny_corpus):
+    import numpy as np
+
+    from data.indexed import write_indexed_dataset
+
+    prefix = str(tmp_path / "gpt2ish")  # ids from a larger vocabulary than the byte tokenizer's
+    write_indexed_dataset(prefix, [np.arange(i, i + 60) * 97 % 50000 for i in range(40)], np.uint16)
+    trainer = Trainer(tiny_config(tmp_path, prefix))
+    with pytest.raises(DatasetError, match="outside the model's 320 ids"):
+        trainer.train_step()
+
+
+def test_saved_config_is_resolved(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=2")
+    train(cfg)
+    from pretrain.config import load_config
+
+    saved = load_config(os.path.join(cfg.run.dir, "config.yaml"))
+    assert saved.model.vocab_size == 320 and saved.model.num_query_groups == 2 and saved.model.ffn_hidden_size == 128
