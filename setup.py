@@ -20,6 +20,10 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        # tokenizers (Hugging Face tokenizer.json, SentencePiece) and .zst inputs of the preprocessing tools
+        "tokenizers",
+        "sentencepiece",
+        "zstandard",
     ],
     extras_require={
         "test": ["pytest"],
