@@ -1,8 +1,23 @@
-"""Tokenizers behind one interface: encode, decode, vocab_size, eod."""
+"""Tokenizers behind one interface: name, encode, decode, vocab_size, eod, pad, unique_identifiers.
+
+Three kinds: `byte` (no files), a Hugging Face `tokenizer.json` and a SentencePiece
+`.model`. `unique_identifiers` is a plain dict because megatron-core json-serialises it
+into the description of every dataset whose index it caches.
+"""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# End-of-document markers of common tokenizer.json files, in order of preference.
+HF_EOD_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+HF_PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that loads but cannot serve (no end-of-document token)."""
 
 
 class ByteTokenizer:
@@ -12,6 +27,7 @@ class ByteTokenizer:
     eod = 256  # end of document
     pad = 257
     vocab_size = 258
+    unique_identifiers = {"class": "ByteTokenizer", "vocab_size": 258}
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -21,7 +37,91 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def build_tokenizer(kind: str) -> ByteTokenizer:
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json`, loaded with the `tokenizers` library.
+
+    Text is encoded without the tokenizer's own special tokens (no BOS from a post-processor):
+    documents are separated by `eod` alone, as in Megatron's preprocessing with --append-eod.
+    """
+
+    name = "hf"
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.path = os.path.abspath(path)
+        self._tok = Tokenizer.from_file(self.path)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        # max id + 1, not len(vocab): a vocabulary with holes must still bound every id
+        self.vocab_size = max(vocab.values()) + 1
+        eod = next((t for t in HF_EOD_TOKENS if t in vocab), None)
+        if eod is None:
+            raise TokenizerError(
+                f"{path}: no end-of-document token; looked for {', '.join(HF_EOD_TOKENS)}; "
+                "add one of them as a special token"
+            )
+        self.eod = vocab[eod]
+        self.pad = next((vocab[t] for t in HF_PAD_TOKENS if t in vocab), None)
+        self.unique_identifiers = {"class": "HFTokenizer", "path": self.path, "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece `.model`; its end-of-sentence id marks the end of a document."""
+
+    name = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece
+
+        self.path = os.path.abspath(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+        if self.eod < 0:
+            raise TokenizerError(
+                f"{path}: the SentencePiece model has no end-of-sentence (eos) id; train it with eos_id >= 0"
+            )
+        self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        self.unique_identifiers = {"class": "SentencePieceTokenizer", "path": self.path, "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+TOKENIZERS = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer}
+
+
+CONFIG_FIELDS = ("data.tokenizer", "data.tokenizer_path")
+TOOL_FLAGS = ("--tokenizer-type", "--tokenizer-path")  # the same two settings in tools/
+
+
+def build_tokenizer(kind: str, path: str | None = None, fields: tuple[str, str] = CONFIG_FIELDS):
+    """The tokenizer `kind` ("byte", "hf", "sentencepiece"); hf and sentencepiece read the file at `path`.
+
+    Errors name `fields`, where the user set kind and path: the config's fields, or a tool's flags.
+    """
+    kind_field, path_field = fields
     if kind == "byte":
         return ByteTokenizer()
-    raise ValueError(f"data.tokenizer={kind!r}: unknown tokenizer; use 'byte'")
+    if kind not in TOKENIZERS:
+        raise ValueError(f"{kind_field}={kind!r}: unknown tokenizer; use one of byte, hf, sentencepiece")
+    what = "a tokenizer.json" if kind == "hf" else "a SentencePiece .model"
+    if not path:
+        raise ValueError(f"{kind_field}={kind} needs {path_field}: set it to {what} file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path_field}={path!r} does not exist; set it to {what} file")
+    try:
+        return TOKENIZERS[kind](path)
+    except TokenizerError:
+        raise
+    except Exception as e:  # the libraries raise their own exception types for unreadable files
+        raise ValueError(f"{path_field}={path!r} cannot be read as {what} ({e}); set it to {what} file") from e
