@@ -1,27 +1,40 @@
-"""The embedded default corpus: the running Python's standard library, as real text every machine has.
+"""The embedded corpora: the running Python's standard library, as real text every machine has.
 
-Built once into a cache folder: the `.py` files of the standard library (sorted, so the
-corpus is the same on every run) become JSON Lines, then a byte-tokenized Megatron
-indexed dataset. Later runs find the `.idx` and reuse it.
+A config names them as prefixes `embedded:NAME`:
+- `stdlib`: every source file of the standard library;
+- `code`: the library modules without their tests;
+- `tests`: the test suites (files under test/ or tests/ folders, or named test_*.py);
+- `docs`: documentation text, the docstrings of the library modules, one document per module.
+
+Each is built once into a cache folder (sorted files, so the same on every run): JSON
+Lines first, then a byte-tokenized Megatron indexed dataset; later runs reuse it.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from data.indexed import token_dtype, write_indexed_dataset
+from data.indexed import DatasetError, token_dtype, write_indexed_dataset
 from data.tokenizers import ByteTokenizer
+
+PREFIX = "embedded:"
 
 
 def default_cache_dir() -> str:
     return os.environ.get("FOLDTRON_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "foldtron")
+
+
+def _is_test(rel: str) -> bool:
+    parts = rel.split("/")
+    return any(p in ("test", "tests") for p in parts[:-1]) or parts[-1].startswith("test_")
 
 
 def stdlib_documents() -> Iterator[dict]:
@@ -39,18 +52,45 @@ def stdlib_documents() -> Iterator[dict]:
             yield {"text": text, "path": rel}
 
 
-def embedded_corpus(cache_dir: str | None = None) -> str:
-    """Return the prefix of the byte-tokenized standard-library corpus, building it on first use."""
+def _code() -> Iterator[dict]:
+    return (d for d in stdlib_documents() if not _is_test(d["path"]))
+
+
+def _tests() -> Iterator[dict]:
+    return (d for d in stdlib_documents() if _is_test(d["path"]))
+
+
+def _docs() -> Iterator[dict]:
+    """The docstrings of each library module (module, classes, functions), joined by blank lines."""
+    for doc in _code():
+        try:
+            tree = ast.parse(doc["text"])
+        except (SyntaxError, ValueError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        texts = [t for t in (ast.get_docstring(n) for n in nodes) if t]
+        if texts:
+            yield {"text": "\n\n".join(texts) + "\n", "path": doc["path"]}
+
+
+CORPORA: dict[str, Callable[[], Iterator[dict]]] = {
+    "stdlib": stdlib_documents, "code": _code, "tests": _tests, "docs": _docs,
+}
+
+
+def embedded_prefix(name: str, cache_dir: str | None = None) -> str:
+    """The prefix of the byte-tokenized embedded corpus `name`, built on first use."""
+    if name not in CORPORA:
+        raise DatasetError(f"{PREFIX}{name}: unknown embedded corpus; choose one of {', '.join(PREFIX + n for n in CORPORA)}")
     cache = cache_dir or default_cache_dir()
-    name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-byte"
-    prefix = os.path.join(cache, name)
+    prefix = os.path.join(cache, f"{name}-py{sys.version_info.major}{sys.version_info.minor}-byte")
     if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
         return prefix
     os.makedirs(cache, exist_ok=True)
     jsonl = prefix + ".jsonl"
     tmp = f"{jsonl}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        for doc in stdlib_documents():
+        for doc in CORPORA[name]():
             f.write(json.dumps(doc) + "\n")
     os.replace(tmp, jsonl)
     tokenizer = ByteTokenizer()
@@ -58,8 +98,12 @@ def embedded_corpus(cache_dir: str | None = None) -> str:
     def documents():
         with open(jsonl, encoding="utf-8") as f:
             for line in f:
-                ids = tokenizer.encode(json.loads(line)["text"])
-                yield np.append(ids, tokenizer.eod)
+                yield np.append(tokenizer.encode(json.loads(line)["text"]), tokenizer.eod)
 
     write_indexed_dataset(prefix, documents(), token_dtype(tokenizer.vocab_size))
     return prefix
+
+
+def resolve_prefix(prefix: str, cache_dir: str | None = None) -> str:
+    """A dataset prefix as given in a config, with `embedded:NAME` replaced by its built path."""
+    return embedded_prefix(prefix[len(PREFIX):], cache_dir) if prefix.startswith(PREFIX) else prefix

@@ -36,6 +36,14 @@ def megatron_indexed():
     return indexed_dataset
 
 
+def megatron_helpers():
+    """megatron-core's compiled index helpers (blending, sample indices), imported on first use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import helpers
+    return helpers
+
+
 def token_dtype(vocab_size: int) -> type:
     """The smallest dtype that holds every token id (Megatron's rule)."""
     return np.uint16 if vocab_size < 65500 else np.int32
@@ -61,6 +69,8 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int, type]:
     if code not in DTYPES:
         raise DatasetError(f"{idx_path}: unknown dtype code {code}")
     sequences, documents = struct.unpack("<QQ", header[18:34])
+    if sequences == 0:
+        raise DatasetError(f"{idx_path}: the dataset holds no documents")
     expected = 34 + sequences * 4 + sequences * 8 + documents * 8
     if idx_size != expected:
         raise DatasetError(
@@ -79,10 +89,17 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int, type]:
     return sequences, documents, dtype
 
 
-def open_indexed_dataset(prefix: str):
-    """Check `prefix`, then open it memory-mapped with megatron-core's reader."""
-    check_indexed_dataset(prefix)
-    return megatron_indexed().IndexedDataset(prefix)
+def open_indexed_dataset(prefix: str, vocab_size: int | None = None):
+    """Check `prefix` (and that its dtype holds `vocab_size` ids), then open it memory-mapped with megatron-core."""
+    _, _, dtype = check_indexed_dataset(prefix)
+    if vocab_size is not None and np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max < vocab_size - 1:
+        raise DatasetError(
+            f"{prefix}.idx stores tokens as {np.dtype(dtype).name}, which cannot hold the tokenizer's "
+            f"{vocab_size} ids: it was made with another tokenizer; re-tokenize it or choose its tokenizer"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return megatron_indexed().IndexedDataset(prefix)
 
 
 def write_indexed_dataset(prefix: str, documents: Iterable[np.ndarray], dtype: type) -> int:
@@ -99,7 +116,7 @@ def write_indexed_dataset(prefix: str, documents: Iterable[np.ndarray], dtype: t
     tokens = 0
     try:
         for doc in documents:
-            builder.add_item(torch.from_numpy(np.asarray(doc, dtype=np.int64)))
+            builder.add_item(torch.from_numpy(np.ascontiguousarray(doc)))  # the builder casts to `dtype`
             builder.end_document()
             tokens += len(doc)
         builder.finalize(tmp + ".idx")

@@ -1,58 +1,83 @@
-"""From samples to the micro-batches of each step, for one data-parallel rank.
+"""From the global sample stream to the micro-batches of each step, for one data-parallel rank.
 
-Global batch g holds samples [g * G, (g + 1) * G) of the training stream; data-parallel
-rank r takes its contiguous slice, cut into micro-batches. The position is the number
-of consumed samples, so a resumed run continues with exactly the next samples.
+Global batch g holds samples [g * G, (g + 1) * G) of the stream; data-parallel rank r
+takes its contiguous slice, cut into micro-batches, so the union over ranks is the same
+global batch whatever the data-parallel size. The position is the number of consumed
+samples, saved in every checkpoint. A background thread prepares the next steps while
+the current one trains.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
 import torch
-
-from data.embedded import embedded_corpus
-from data.samples import DocumentPool, GPTSamples
-
-
-def build_splits(
-    prefixes: list[str], train_share: float, seq_length: int, seed: int, cache_dir: str | None
-) -> tuple[GPTSamples, GPTSamples | None]:
-    """Train and validation samples of `prefixes` (none given: the embedded corpus)."""
-    pool = DocumentPool(prefixes or [embedded_corpus(cache_dir)])
-    train_docs, valid_docs = pool.split(train_share)
-    train = GPTSamples(pool, train_docs, seq_length, seed, "train")
-    valid = GPTSamples(pool, valid_docs, seq_length, seed, "validation") if len(valid_docs) else None
-    return train, valid
 
 
 class DataLoader:
     def __init__(
-        self, samples: GPTSamples, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
-        consumed_samples: int = 0,
+        self, stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
+        consumed_samples: int = 0, prefetch: int = 0,
     ):
         if global_batch % (micro_batch * dp_size):
             raise ValueError("the global batch must be a multiple of micro-batch x data-parallel size")
-        self.samples, self.global_batch, self.micro_batch = samples, global_batch, micro_batch
+        self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=self._produce, args=(consumed_samples,), daemon=True)
+            self._thread.start()
 
     @property
     def micro_batches_per_step(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp_size)
 
-    def next_step(self) -> list[torch.Tensor]:
-        """This rank's micro-batches of the next global batch, each [micro_batch, seq_length + 1] int64."""
+    def _read(self, consumed: int) -> list[torch.Tensor]:
         local = self.global_batch // self.dp_size
-        start = self.consumed_samples + self.dp_rank * local
-        tokens = torch.from_numpy(self.samples.batch(start, local))
-        self.consumed_samples += self.global_batch
+        start = consumed + self.dp_rank * local
+        if start + local > len(self.stream):
+            raise IndexError(f"the data stream ends at sample {len(self.stream)}: the run asked for more")
+        tokens = torch.from_numpy(np.stack([self.stream[i] for i in range(start, start + local)]).astype(np.int64))
         return list(tokens.split(self.micro_batch))
 
+    def _produce(self, consumed: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._read(consumed)
+            except Exception as err:  # handed to the training thread, which raises it
+                item = err
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+            consumed += self.global_batch
 
-def eval_batches(samples: GPTSamples, global_batch: int, micro_batch: int, iters: int, dp_rank: int = 0, dp_size: int = 1):
-    """The fixed validation batches: the first `iters` global batches of the validation stream."""
-    loader = DataLoader(samples, global_batch, micro_batch, dp_rank, dp_size)
+    def next_step(self) -> list[torch.Tensor]:
+        """This rank's micro-batches of the next global batch, each [micro_batch, seq_length + 1] int64."""
+        item = self._read(self.consumed_samples) if self._queue is None else self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        self.consumed_samples += self.global_batch
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def eval_batches(
+    stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, iters: int, dp_rank: int = 0, dp_size: int = 1
+) -> Iterator[torch.Tensor]:
+    """The fixed validation batches: the first `iters` global batches of a validation stream."""
+    loader = DataLoader(stream, global_batch, micro_batch, dp_rank, dp_size)
     for _ in range(iters):
         yield from loader.next_step()
-
-
-__all__ = ["DataLoader", "build_splits", "eval_batches"]

@@ -1,0 +1,181 @@
+"""From a config's sources and phases to a checked plan, and from the plan to sample streams.
+
+`make_plan` opens only the `.idx` files: it resolves and checks every prefix, splits
+documents into train and validation, computes the phase schedule and how many epochs of
+each source it reads, and refuses `max_epochs` overruns. It is what `tools.blend_plan`
+prints. `TrainingStreams` then builds the GPT sample indices (megatron-core) for exactly
+the samples the plan draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.blend import BlendSchedule, PhaseConfig, SourceConfig, epochs, greedy_blend, phase_boundaries
+from data.embedded import resolve_prefix
+from data.gpt_dataset import PrefixSamples
+from data.indexed import DatasetError, open_indexed_dataset
+
+
+@dataclass
+class Prefix:
+    path: str
+    dataset: object  # megatron-core IndexedDataset
+    train_docs: np.ndarray
+    valid_docs: np.ndarray
+
+    def tokens(self, docs: np.ndarray) -> int:
+        return int(self.dataset.sequence_lengths[docs].sum()) if len(docs) else 0
+
+
+@dataclass
+class Source:
+    name: str
+    prefixes: list[Prefix]
+    weights: np.ndarray  # within the source, normalised
+    max_epochs: float | None = None
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(p.tokens(p.train_docs) for p in self.prefixes)
+
+
+class DataPlan:
+    def __init__(self, sources: list[Source], validation: list[Source], schedule: BlendSchedule, seq_length: int,
+                 split: tuple[float, float]):
+        self.sources, self.validation, self.schedule = sources, validation, schedule
+        self.seq_length, self.split = seq_length, split
+
+    def source_epochs(self, samples: np.ndarray) -> list[float]:
+        """Passes over each source that `samples[s]` samples of it make (its most-read prefix counts)."""
+        out = []
+        for source, n in zip(self.sources, samples):
+            per_prefix = np.bincount(greedy_blend(source.weights, int(n))[0], minlength=len(source.prefixes))
+            out.append(max(epochs(int(k), self.seq_length, p.tokens(p.train_docs)) for k, p in zip(per_prefix, source.prefixes)))
+        return out
+
+    def check_epochs(self) -> None:
+        for source, used in zip(self.sources, self.source_epochs(self.schedule.samples_per_source)):
+            if source.max_epochs is not None and used > source.max_epochs:
+                raise DatasetError(
+                    f"data.sources.{source.name}: the schedule reads it {used:.2f} times, more than its max_epochs="
+                    f"{source.max_epochs:g}: lower its phase weights, add data, or raise max_epochs"
+                )
+
+    def report(self) -> str:
+        """Per phase and source: samples, tokens, realised share and cumulative epochs; what tools.blend_plan prints."""
+        s = self.schedule
+        counts = s.phase_counts()
+        lines = [f"{'phase':<16} {'source':<16} {'samples':>10} {'tokens':>14} {'share':>8} {'target':>8} {'epochs':>8}"]
+        cumulative = np.zeros(len(self.sources), dtype=np.int64)
+        for k, name in enumerate(s.phase_names):
+            cumulative += counts[k]
+            total = counts[k].sum()
+            target = s.phase_weights[k] / s.phase_weights[k].sum()
+            for j, source in enumerate(self.sources):
+                e = self.source_epochs(cumulative)[j]
+                lines.append(
+                    f"{name:<16} {source.name:<16} {counts[k, j]:>10,} {counts[k, j] * self.seq_length:>14,} "
+                    f"{counts[k, j] / total:>8.2%} {target[j]:>8.2%} {e:>8.3f}"
+                )
+        total = s.samples_per_source
+        for j, source in enumerate(self.sources):
+            limit = f" (max {source.max_epochs:g})" if source.max_epochs is not None else ""
+            lines.append(
+                f"{'run':<16} {source.name:<16} {total[j]:>10,} {total[j] * self.seq_length:>14,} "
+                f"{total[j] / total.sum():>8.2%} {'':>8} {self.source_epochs(total)[j]:>8.3f}{limit}"
+            )
+        return "\n".join(lines)
+
+
+def _open_source(name: str, cfg: SourceConfig, vocab_size: int, train_share: float, cache_dir: str | None,
+                 field_name: str) -> Source:
+    """Open and check a source's prefixes; the first `train_share` of each prefix's documents train
+    (0: a validation-only source), the rest are held out."""
+    prefixes = []
+    for raw in cfg.prefixes:
+        try:
+            path = resolve_prefix(raw, cache_dir)
+            dataset = open_indexed_dataset(path, vocab_size)
+        except DatasetError as err:
+            raise DatasetError(f"{field_name}.{name}: {err}") from None
+        n = len(dataset.sequence_lengths)
+        cut = int(round(n * train_share))
+        prefixes.append(Prefix(path, dataset, np.arange(cut), np.arange(cut, n)))
+    if cfg.weights is not None:
+        weights = np.asarray(cfg.weights, dtype=np.float64)
+    else:  # the natural mixture: in proportion to the tokens the source serves
+        weights = np.asarray([p.tokens(p.train_docs if train_share > 0 else p.valid_docs) for p in prefixes], dtype=np.float64)
+    return Source(name, prefixes, weights / weights.sum(), cfg.max_epochs)
+
+
+def make_plan(
+    sources: dict[str, SourceConfig], phases: list[PhaseConfig], validation: dict[str, list[str]],
+    split: tuple[float, float], total_steps: int, global_batch: int, seq_length: int, vocab_size: int,
+    cache_dir: str | None = None,
+) -> DataPlan:
+    """Check every prefix and the schedule; raises DatasetError or ValueError naming the field."""
+    train_share = 1.0 if validation else split[0]
+    opened = [_open_source(n, c, vocab_size, train_share, cache_dir, "data.sources") for n, c in sources.items()]
+    if validation:
+        held_out = [_open_source(n, SourceConfig(prefixes=p), vocab_size, 0.0, cache_dir, "data.validation")
+                    for n, p in validation.items()]
+    else:
+        held_out = [s for s in opened if any(len(p.valid_docs) for p in s.prefixes)]
+    names = [s.name for s in opened]
+    if phases:
+        weights = np.array([[p.weights.get(n, 0.0) for n in names] for p in phases])
+        phase_names = [p.name or f"phase{k + 1}" for k, p in enumerate(phases)]
+        ends = phase_boundaries(phases, total_steps, global_batch * seq_length)
+    else:  # one phase, sources in proportion to their tokens
+        weights = np.array([[s.train_tokens for s in opened]], dtype=np.float64)
+        phase_names, ends = ["all"], [total_steps]
+    schedule = BlendSchedule(names, phase_names, weights, ends, global_batch)
+    plan = DataPlan(opened, held_out, schedule, seq_length, (train_share, 1.0 - train_share))
+    plan.check_epochs()
+    return plan
+
+
+class SourceStream:
+    """The samples of one source in order: a greedy blend of its prefixes' sample streams."""
+
+    def __init__(self, source: Source, size: int, seq_length: int, seed: int, tokenizer, split, is_validation: bool,
+                 cache_dir: str | None):
+        self.name = source.name
+        self.which, self.index = greedy_blend(source.weights, size)
+        needed = np.bincount(self.which, minlength=len(source.prefixes))
+        self.prefixes = [
+            PrefixSamples(p.path, p.dataset, p.valid_docs if is_validation else p.train_docs, int(n), seq_length,
+                          seed, tokenizer, split, is_validation, cache_dir) if n else None
+            for p, n in zip(source.prefixes, needed)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.prefixes[self.which[k]][int(self.index[k])]
+
+
+class TrainingStreams:
+    """The run's global training stream (sample i of the schedule) and its validation streams."""
+
+    def __init__(self, plan: DataPlan, seed: int, tokenizer, eval_samples: int, cache_dir: str | None = None):
+        self.plan, self.schedule = plan, plan.schedule
+        counts = self.schedule.samples_per_source
+        self.train = [
+            SourceStream(s, int(n), plan.seq_length, seed, tokenizer, plan.split, False, cache_dir)
+            for s, n in zip(plan.sources, counts)
+        ]
+        self.validation = [
+            SourceStream(s, eval_samples, plan.seq_length, seed, tokenizer, plan.split, True, cache_dir)
+            for s in plan.validation
+        ] if eval_samples else []
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.train[self.schedule.source[i]][int(self.schedule.index[i])]

@@ -1,0 +1,170 @@
+"""Blends and phase schedules: exact mixtures, continuous sources, resumable and layout-independent streams."""
+
+import numpy as np
+import pytest
+
+from data.blend import BlendSchedule, PhaseConfig, SourceConfig, greedy_blend, phase_boundaries
+from data.indexed import DatasetError, write_indexed_dataset
+from data.loader import DataLoader
+from data.sources import TrainingStreams, make_plan
+from data.tokenizers import ByteTokenizer
+
+RANGES = {"a": (1, 50), "b": (50, 100), "c": (100, 150)}  # each source its own token ids: a sample names its source
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blend")
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (lo, hi) in RANGES.items():
+        docs = [rng.integers(lo, hi, size=rng.integers(5, 40)) for _ in range(150)]
+        prefix = str(root / name)
+        write_indexed_dataset(prefix, docs, np.uint16)
+        out[name] = SourceConfig(prefixes=[prefix])
+    return out
+
+
+PHASES = [
+    PhaseConfig(name="broad", fraction=0.5, weights={"a": 2, "b": 1, "c": 1}),
+    PhaseConfig(name="focus", weights={"b": 1, "c": 3}),
+]
+
+
+def plan_for(sources, phases=PHASES, steps=30, **kw):
+    return make_plan(sources, phases, {}, (0.9, 0.1), steps, 8, 8, 258, **kw)
+
+
+def source_of(sample: np.ndarray) -> str:
+    return next(n for n, (lo, hi) in RANGES.items() if lo <= sample[0] < hi)
+
+
+def test_greedy_blend_is_exact_at_every_prefix():
+    weights = np.array([0.5, 0.0, 0.3, 0.2])
+    which, counter = greedy_blend(weights, 5000)
+    drawn = np.stack([np.cumsum(which == k) for k in range(4)], axis=1)
+    expected = weights[None] * np.arange(1, 5001)[:, None]
+    assert np.abs(drawn - expected).max() < 1.0
+    assert drawn[:, 1].max() == 0  # a zero-weight entry is never drawn
+    for k in range(4):  # each entry's counter runs 0, 1, 2, ... in draw order
+        assert counter[which == k].tolist() == list(range(int((which == k).sum())))
+
+
+def test_phases_split_the_run_and_sources_continue_across_them():
+    schedule = BlendSchedule(["a", "b", "c"], ["p1", "p2"], np.array([[2, 1, 1], [0, 1, 3]]), [15, 30], 8)
+    assert schedule.phase_of(15 * 8 - 1) == 0 and schedule.phase_of(15 * 8) == 1
+    for s in range(3):  # one continuous stream per source: indices 0..n-1, in order, across phases
+        assert schedule.index[schedule.source == s].tolist() == list(range(int((schedule.source == s).sum())))
+    counts = schedule.phase_counts()
+    assert counts.tolist() == [[60, 30, 30], [0, 30, 90]]
+
+
+@pytest.mark.parametrize(
+    "phases, message",
+    [
+        ([PhaseConfig(fraction=0.7), PhaseConfig(fraction=0.5)], "add up to 1.2 of the run"),
+        ([PhaseConfig(fraction=0.3), PhaseConfig(fraction=0.3)], "cover 18 of train.iters=30"),
+        ([PhaseConfig(), PhaseConfig()], "only the last phase may take the rest"),
+        ([PhaseConfig(tokens=10, fraction=0.5)], "not both"),
+    ],
+)
+def test_phase_lengths_that_do_not_fit(phases, message):
+    with pytest.raises(ValueError, match=message):
+        phase_boundaries(phases, 30, 64)
+
+
+def test_phase_lengths_in_tokens_round_to_steps():
+    assert phase_boundaries([PhaseConfig(tokens=64 * 10), PhaseConfig()], 30, 64) == [10, 30]
+
+
+def test_loader_draws_exactly_what_the_plan_reports(sources):
+    plan = plan_for(sources)
+    streams = TrainingStreams(plan, 7, ByteTokenizer(), eval_samples=0)
+    loader = DataLoader(streams, 8, 4, prefetch=2)
+    drawn = np.zeros((2, 3), dtype=np.int64)
+    names = list(RANGES)
+    for step in range(30):
+        phase = 0 if step < 15 else 1
+        for batch in loader.next_step():
+            for sample in batch.numpy():
+                drawn[phase, names.index(source_of(sample))] += 1
+                assert source_of(sample) == source_of(sample[::-1])  # one source per sample, never mixed
+    loader.close()
+    assert drawn.tolist() == plan.schedule.phase_counts().tolist() == [[60, 30, 30], [0, 30, 90]]
+    report = plan.report()
+    assert "broad            a                        60" in report
+    assert "focus            c                        90" in report
+
+
+@pytest.mark.parametrize("start", [0, 5, 15, 22])  # 15 and 22: inside the second phase
+def test_resume_at_any_step_continues_with_the_same_samples(sources, start):
+    full = DataLoader(TrainingStreams(plan_for(sources), 7, ByteTokenizer(), 0), 8, 2)
+    steps = [full.next_step() for _ in range(30)]
+    resumed = DataLoader(TrainingStreams(plan_for(sources), 7, ByteTokenizer(), 0), 8, 2, consumed_samples=start * 8,
+                         prefetch=3)
+    for step in range(start, 30):
+        assert all(np.array_equal(x, y) for x, y in zip(steps[step], resumed.next_step()))
+    resumed.close()
+
+
+@pytest.mark.parametrize("dp_size", [2, 4])
+def test_data_parallel_ranks_together_read_the_same_global_batches(sources, dp_size):
+    streams = TrainingStreams(plan_for(sources), 7, ByteTokenizer(), 0)
+    single = DataLoader(streams, 8, 1)
+    ranks = [DataLoader(streams, 8, 8 // dp_size // 2, r, dp_size) for r in range(dp_size)]
+    for _ in range(30):
+        expected = np.concatenate([t.numpy() for t in single.next_step()])
+        got = np.concatenate([t.numpy() for loader in ranks for t in loader.next_step()])
+        assert np.array_equal(expected, got)
+
+
+def test_max_epochs_is_enforced_before_training(sources):
+    limited = dict(sources, c=SourceConfig(prefixes=sources["c"].prefixes, max_epochs=0.1))
+    with pytest.raises(DatasetError, match=r"data.sources.c: the schedule reads it .* times, more than its max_epochs=0.1"):
+        plan_for(limited)
+    plan_for(dict(sources, c=SourceConfig(prefixes=sources["c"].prefixes, max_epochs=5)))
+
+
+def test_missing_prefix_names_the_source(sources, tmp_path):
+    broken = dict(sources, b=SourceConfig(prefixes=[str(tmp_path / "gone")]))
+    with pytest.raises(DatasetError, match="data.sources.b: dataset prefix .*gone.* does not exist"):
+        plan_for(broken)
+
+
+def test_dtype_that_cannot_hold_the_vocabulary(tmp_path):
+    prefix = str(tmp_path / "bytes8")
+    write_indexed_dataset(prefix, [np.arange(100)], np.uint8)
+    with pytest.raises(DatasetError, match="uint8, which cannot hold the tokenizer's 258 ids"):
+        make_plan({"x": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 1, 1, 8, 258)
+
+
+def test_validation_sets_are_held_out_documents_or_separate_sources(sources):
+    plan = plan_for(sources)
+    assert [s.name for s in plan.validation] == ["a", "b", "c"]
+    for source in plan.sources:
+        for p in source.prefixes:
+            assert len(p.train_docs) == 135 and p.valid_docs.tolist() == list(range(135, 150))
+    separate = make_plan(sources, PHASES, {"held": sources["a"].prefixes}, (0.9, 0.1), 30, 8, 8, 258)
+    assert [s.name for s in separate.validation] == ["held"]
+    assert all(len(p.train_docs) == 150 for s in separate.sources for p in s.prefixes)
+    streams = TrainingStreams(separate, 7, ByteTokenizer(), eval_samples=16)
+    assert len(streams.validation[0]) == 16 and source_of(streams.validation[0][3]) == "a"
+
+
+def test_within_source_weights_blend_prefixes(sources):
+    mixed = {"ab": SourceConfig(prefixes=sources["a"].prefixes + sources["b"].prefixes, weights=[3, 1])}
+    plan = make_plan(mixed, [], {}, (0.9, 0.1), 10, 8, 8, 258)
+    streams = TrainingStreams(plan, 7, ByteTokenizer(), 0)
+    picks = [source_of(streams[i]) for i in range(80)]
+    assert picks.count("a") == 60 and picks.count("b") == 20
+
+
+def test_empty_documents_are_skipped_by_the_samples(tmp_path):
+    prefix = str(tmp_path / "gaps")
+    docs = [np.arange(1, 20), np.zeros(0, dtype=np.int64), np.arange(20, 31), np.zeros(0, dtype=np.int64)] * 10
+    write_indexed_dataset(prefix, docs, np.uint16)
+    plan = make_plan({"g": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 5, 4, 8, 258)
+    streams = TrainingStreams(plan, 1, ByteTokenizer(), 0)
+    samples = [streams[i] for i in range(len(streams))]
+    assert all(len(s) == 9 for s in samples)
+    assert all(1 <= t < 31 for s in samples for t in s)
