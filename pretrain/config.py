@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from data.blend import PhaseConfig, SourceConfig, phase_boundaries
+
 
 class ConfigError(ValueError):
     """A bad config: the message names each offending field and how to fix it."""
@@ -126,12 +128,20 @@ class SchedulerConfig:
     wsd_decay_fraction: float = 0.2  # wsd: share of decay_iters spent in the final linear decay
 
 
+def _default_sources() -> dict[str, SourceConfig]:
+    return {"stdlib": SourceConfig(prefixes=["embedded:stdlib"])}
+
+
 @dataclass
 class DataConfig:
-    tokenizer: Literal["byte"] = "byte"
-    prefixes: list[str] = field(default_factory=list)  # empty: the embedded corpus (Python's standard library)
-    split: str = "98,2"  # train,validation weights over documents
-    cache_dir: Optional[str] = None  # null: $FOLDTRON_CACHE or ~/.cache/foldtron
+    tokenizer: Literal["byte", "hf", "sentencepiece"] = "byte"
+    tokenizer_path: Optional[str] = None  # tokenizer.json (hf) or .model (sentencepiece)
+    sources: dict[str, SourceConfig] = field(default_factory=_default_sources)
+    phases: list[PhaseConfig] = field(default_factory=list)  # empty: one phase, sources in proportion to tokens
+    split: str = "98,2"  # train,validation weights over each prefix's documents
+    validation: dict[str, list[str]] = field(default_factory=dict)  # separate validation sets; then no split
+    cache_dir: Optional[str] = None  # embedded corpora and sample indices; null: see the README
+    prefetch: int = 2  # steps of batches prepared in the background
 
 
 @dataclass
@@ -278,10 +288,7 @@ class Config:
             e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")
         if s.warmup_iters > t.iters:
             e.add(f"scheduler.warmup_iters={s.warmup_iters} exceeds train.iters={t.iters}: shorten the warmup")
-        try:
-            parse_split(self.data.split)
-        except ValueError as err:
-            e.add(f"data.split={self.data.split!r}: {err}")
+        self._validate_data(e)
         p = self.parallel
         model_parallel = p.tensor * p.context * p.pipeline
         expert_parallel = (p.expert_tensor or p.tensor) * p.expert * p.pipeline
@@ -305,8 +312,57 @@ class Config:
                 f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} or a smaller micro-batch"
             )
 
+    def _validate_data(self, e: "_Errors") -> None:
+        d = self.data
+        try:
+            parse_split(d.split)
+        except ValueError as err:
+            e.add(f"data.split={d.split!r}: {err}")
+        if d.tokenizer != "byte" and not d.tokenizer_path:
+            e.add(f"data.tokenizer={d.tokenizer} needs data.tokenizer_path (its tokenizer.json or .model file)")
+        e.non_negative("data.prefetch", d.prefetch)
+        if not d.sources:
+            e.add("data.sources is empty: name at least one source with its prefixes")
+        for name, source in d.sources.items():
+            field_name = f"data.sources.{name}"
+            if not source.prefixes:
+                e.add(f"{field_name}.prefixes is empty: list its dataset prefixes (or embedded:stdlib)")
+            if source.weights is not None:
+                if len(source.weights) != len(source.prefixes):
+                    e.add(f"{field_name}.weights has {len(source.weights)} entries for {len(source.prefixes)} prefixes")
+                _check_weights(e, f"{field_name}.weights", source.weights)
+            if source.max_epochs is not None:
+                e.positive(f"{field_name}.max_epochs", source.max_epochs)
+        for name, prefixes in d.validation.items():
+            if not prefixes:
+                e.add(f"data.validation.{name} is empty: list its dataset prefixes")
+        for k, phase in enumerate(d.phases):
+            label = f"data.phases[{k}]" + (f" ({phase.name})" if phase.name else "")
+            for source in phase.weights:
+                if source not in d.sources:
+                    close = difflib.get_close_matches(source, list(d.sources), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else f"; sources are {', '.join(d.sources)}"
+                    e.add(f"{label}.weights names an unknown source {source!r}{hint}")
+            _check_weights(e, f"{label}.weights", list(phase.weights.values()))
+            if phase.tokens is not None:
+                e.positive(f"{label}.tokens", phase.tokens)
+            if phase.fraction is not None and not 0 < phase.fraction <= 1:
+                e.add(f"{label}.fraction={phase.fraction}: must be in (0, 1]")
+        if d.phases and not e:
+            try:
+                phase_boundaries(d.phases, self.train.iters, self.train.global_batch_size * self.model.seq_length)
+            except ValueError as err:
+                e.add(str(err))
+
 
 ORDER_AXES = ("tp", "cp", "ep", "dp", "pp")
+
+
+def _check_weights(e: "_Errors", name: str, weights: list[float]) -> None:
+    if any(not (w >= 0 and math.isfinite(w)) for w in weights):
+        e.add(f"{name}: weights must be zero or positive, got {weights}")
+    elif not weights or sum(weights) == 0:
+        e.add(f"{name}: all weights are zero; give at least one source a positive weight")
 
 
 def parse_split(split: str) -> tuple[float, float]:
@@ -431,6 +487,11 @@ def _coerce(kind: Any, value: Any, name: str) -> Any:
             hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
             raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}{hint}")
         return value
+    if origin is dict:
+        key_kind, item = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r}: expected a mapping of names to {_type_name(item)}")
+        return {str(k): _coerce(item, v, f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -445,6 +506,13 @@ def _coerce(kind: Any, value: Any, name: str) -> Any:
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, (float, str)) and not isinstance(value, bool):  # 1e9 or "1e9" (YAML 1.1)
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
         raise ConfigError(f"{name}={value!r}: expected an integer")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -469,4 +537,6 @@ def _type_name(kind: Any) -> str:
         return "one of " + ", ".join(map(repr, typing.get_args(kind)))
     if typing.get_origin(kind) is list:
         return "a list"
+    if dataclasses.is_dataclass(kind):
+        return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))

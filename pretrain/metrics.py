@@ -81,6 +81,8 @@ class Metrics:
             for key, value in record.items():
                 if key == "step":
                     continue
+                if isinstance(value, str):
+                    continue
                 if isinstance(value, list):
                     for i, v in enumerate(value):
                         self.writer.add_scalar(f"{key}/{i}", v, step)
@@ -98,6 +100,8 @@ class Metrics:
             f"| grad norm {record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | elapsed {_duration(elapsed)} "
             f"| eta {_duration(eta)}"
         )
+        if values.get("phase", "all") != "all":  # a one-phase run's phase says nothing
+            line += f" | phase {values['phase']}"
         if "val_loss" in values:
             line += f" | val loss {values['val_loss']:.4f} (ppl {values['val_ppl']:.2f})"
         if "gpas_scale" in values:

@@ -14,7 +14,8 @@ import time
 import torch
 
 from data.indexed import DatasetError
-from data.loader import DataLoader, build_splits, eval_batches
+from data.loader import DataLoader, eval_batches
+from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import build_tokenizer
 from parallel.topology import Topology
 from pretrain import checkpoint
@@ -58,6 +59,22 @@ def model_signature(cfg: Config) -> dict:
     }
 
 
+def load_tokenizer(cfg: Config):
+    try:
+        return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def plan_data(cfg: Config, tokenizer) -> DataPlan:
+    """The checked data plan of a validated config: what tools.blend_plan prints and the trainer reads."""
+    t, d = cfg.train, cfg.data
+    return make_plan(
+        d.sources, d.phases, d.validation, parse_split(d.split), t.iters, t.global_batch_size,
+        cfg.model.seq_length, tokenizer.vocab_size, d.cache_dir,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
         cfg.validate(world_size)
@@ -65,7 +82,7 @@ class Trainer:
         self.topology = Topology.build(world_size, rank, p.tensor, p.context, p.pipeline)
         self.is_main = rank == 0
         self.device = resolve_device(cfg.run.device)
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = load_tokenizer(cfg)
         vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
         if vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids")
@@ -80,10 +97,10 @@ class Trainer:
         if self.resume_from:
             checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg))
 
-        train_share, _ = parse_split(cfg.data.split)
-        self.train_samples, self.valid_samples = build_splits(
-            cfg.data.prefixes, train_share, cfg.model.seq_length, cfg.run.seed, cfg.data.cache_dir
-        )
+        t, d = cfg.train, cfg.data
+        self.plan = plan_data(cfg, self.tokenizer)
+        eval_samples = cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0
+        self.data = TrainingStreams(self.plan, cfg.run.seed, self.tokenizer, eval_samples, d.cache_dir)
 
         torch.manual_seed(cfg.run.seed)
         self.model = GPT(cfg.model, vocab_size, self.topology).to(self.device)
@@ -94,11 +111,11 @@ class Trainer:
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
-        t = cfg.train
         self.loader = DataLoader(
-            self.train_samples, t.global_batch_size, t.micro_batch_size, self.topology.dp_rank, self.topology.dp,
-            meta["consumed_samples"],
+            self.data, t.global_batch_size, t.micro_batch_size, self.topology.dp_rank, self.topology.dp,
+            meta["consumed_samples"], d.prefetch,
         )
+        self.source_samples = self.data.schedule.counts(0, meta["consumed_samples"])
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
         self.metrics = Metrics(
             cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main,
@@ -120,7 +137,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        consumed = self.loader.consumed_samples
         micro_batches = self.loader.next_step()
+        self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
@@ -169,19 +188,23 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss on the fixed batches of each validation set (a source's held-out documents, or data.validation)."""
         self.model.eval()
-        losses = []
         t = self.cfg.train
-        for tokens in eval_batches(self.valid_samples, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
-                                   self.topology.dp_rank, self.topology.dp):
-            self.check_token_range([tokens])
-            tokens = tokens.to(self.device)
-            with self.autocast():
-                logits = self.model(tokens[:, :-1])
-            losses.append(float(next_token_loss(logits, tokens[:, 1:])))
+        by_source = {}
+        for stream in self.data.validation:
+            losses = []
+            for tokens in eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
+                                       self.topology.dp_rank, self.topology.dp):
+                self.check_token_range([tokens])
+                tokens = tokens.to(self.device)
+                with self.autocast():
+                    logits = self.model(tokens[:, :-1])
+                losses.append(float(next_token_loss(logits, tokens[:, 1:])))
+            by_source[stream.name] = sum(losses) / len(losses)
         self.model.train()
-        return sum(losses) / len(losses)
+        return by_source
 
     def save(self) -> None:
         meta = {
@@ -201,16 +224,16 @@ class Trainer:
 
     def describe(self) -> str:
         m, t = self.cfg.model, self.cfg.train
-        data = ", ".join(self.cfg.data.prefixes) or "embedded corpus (Python standard library)"
         lines = [
             f"model: {self.model.num_parameters():,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads} heads / {m.query_groups} query groups, vocab {self.vocab_size})",
-            f"data: {data}; {self.train_samples.samples_per_epoch:,} training samples of {m.seq_length + 1} tokens per epoch",
+            f"data: {len(self.plan.sources)} source(s) in {len(self.plan.schedule.phase_names)} phase(s), "
+            f"{len(self.data.validation)} validation set(s); samples of {m.seq_length + 1} tokens\n" + _indent(self.plan.report()),
             f"batch: {t.global_batch_size} sequences = {self.tokens_per_step:,} tokens per step, "
             f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
             f"precision {self.cfg.precision.dtype}",
         ]
-        if self.valid_samples is None:
+        if not self.data.validation and self.cfg.eval.interval:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
@@ -239,7 +262,7 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 self.metrics.record_step(loss, time.perf_counter() - start)
                 step = self.step
-                evaluating = self.valid_samples is not None and cfg.eval.interval and step % cfg.eval.interval == 0
+                evaluating = bool(self.data.validation) and cfg.eval.interval and step % cfg.eval.interval == 0
                 if evaluating or step % cfg.logging.interval == 0 or step == t.iters:
                     self.metrics.log(step, self.step_record(grad_norm, evaluating))
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
@@ -251,6 +274,7 @@ class Trainer:
             if (cfg.checkpoint.save_at_end or self.step < t.iters) and self.last_saved != self.step:
                 self.save()  # an early stop always saves, so the run can resume
         finally:
+            self.loader.close()
             self.metrics.close()
         summary = self.metrics.summary()
         if self.is_main:
@@ -259,15 +283,20 @@ class Trainer:
                 "val_loss": self.metrics.last_val_loss}
 
     def step_record(self, grad_norm: float, evaluating: bool) -> dict:
+        schedule, seq = self.data.schedule, self.cfg.model.seq_length
         record = {
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "consumed_samples": self.loader.consumed_samples,
+            "phase": schedule.phase_names[schedule.phase_of(self.loader.consumed_samples - 1)],
+            "tokens_by_source": {n: int(c) * seq for n, c in zip(schedule.source_names, self.source_samples)},
         }
         if evaluating:
-            val_loss = self.evaluate()
-            record["val_loss"] = val_loss
-            record["val_ppl"] = math.exp(min(val_loss, 50.0))
+            by_source = self.evaluate()
+            record["val_loss"] = sum(by_source.values()) / len(by_source)
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            if len(by_source) > 1:
+                record["val_loss_by_source"] = by_source
         if self.gates:
             record["gpas_scale"] = self.model.gpas_scales()
         return record

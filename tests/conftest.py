@@ -35,7 +35,7 @@ def tiny_config(tmp_path, corpus: str, *overrides: str):
         "model.seq_length=16", "model.vocab_multiple=64",
         "train.iters=6", "train.global_batch_size=4", "train.micro_batch_size=2",
         "scheduler.warmup_iters=2", "optimizer.lr=3e-3", "scheduler.min_lr=3e-4",
-        f"data.prefixes=[{corpus}]", "eval.interval=3", "eval.iters=1",
+        f"data.sources={{tiny: {{prefixes: [{corpus}]}}}}", "eval.interval=3", "eval.iters=1",
         "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=3",
     ]
     return load_config(None, base + list(overrides))

@@ -27,7 +27,7 @@ def assert_one_line_error(result, *fragments):
 def tiny_args(tmp_path, corpus):
     return [f"run.dir={tmp_path}/run", "model.num_layers=1", "model.hidden_size=32", "model.seq_length=16",
             "train.iters=2", "train.global_batch_size=2", "train.micro_batch_size=2", "scheduler.warmup_iters=1",
-            f"data.prefixes=[{corpus}]", "logging.tensorboard=false", "eval.interval=0"]
+            f"data.sources={{tiny: {{prefixes: [{corpus}]}}}}", "logging.tensorboard=false", "eval.interval=0"]
 
 
 def test_missing_config_file(tmp_path):

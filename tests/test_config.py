@@ -10,11 +10,11 @@ def test_defaults_are_valid():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  hidden_size: 128\noptimizer:\n  lr: 3e-4\n")
-    cfg = load_config(str(path), ["train.iters=7", "model.gpas.enabled=true", "data.prefixes=a"])
+    cfg = load_config(str(path), ["train.iters=7", "model.gpas.enabled=true", "data.sources.web.prefixes=a"])
     assert cfg.model.hidden_size == 128
     assert cfg.optimizer.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string; it must become a float
     assert cfg.train.iters == 7 and cfg.model.gpas.enabled is True
-    assert cfg.data.prefixes == ["a"]
+    assert cfg.data.sources["web"].prefixes == ["a"]
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,8 @@ def test_file_errors(tmp_path):
 
 
 def test_round_trip_through_yaml(tmp_path):
-    cfg = load_config(None, ["model.gpas.enabled=true", "data.prefixes=[a,b]"])
+    cfg = load_config(None, ["model.gpas.enabled=true", "data.sources={a: {prefixes: [x, y], max_epochs: 2}}",
+                             "data.phases=[{fraction: 0.5, weights: {a: 1}}, {name: two, weights: {a: 2}}]"])
     path = tmp_path / "saved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(str(path)) == cfg

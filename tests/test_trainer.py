@@ -200,3 +200,29 @@ def test_saved_config_is_resolved(tmp_path, tiny_corpus):
 
     saved = load_config(os.path.join(cfg.run.dir, "config.yaml"))
     assert saved.model.vocab_size == 320 and saved.model.num_query_groups == 2 and saved.model.ffn_hidden_size == 128
+
+
+def two_phase(tmp_path, corpus, *extra):
+    sources = f"data.sources={{one: {{prefixes: [{corpus}]}}, two: {{prefixes: [{corpus}], weights: [1]}}}}"
+    phases = "data.phases=[{name: early, fraction: 0.5, weights: {one: 3, two: 1}}, {name: late, weights: {two: 1}}]"
+    return tiny_config(tmp_path, corpus, sources, phases, *extra)
+
+
+def test_phase_and_tokens_by_source_are_logged(tmp_path, tiny_corpus):
+    cfg = two_phase(tmp_path, tiny_corpus)
+    train(cfg)
+    records = read_metrics(cfg)
+    assert [r["phase"] for r in records] == ["early"] * 3 + ["late"] * 3
+    assert records[2]["tokens_by_source"] == {"one": 9 * 16, "two": 3 * 16}
+    assert records[5]["tokens_by_source"] == {"one": 9 * 16, "two": 15 * 16}
+    assert set(records[2]["val_loss_by_source"]) == {"one", "two"}
+
+
+def test_resume_inside_the_second_phase_is_exact(tmp_path, tiny_corpus):
+    full = two_phase(tmp_path / "full", tiny_corpus, "checkpoint.interval=0")
+    train(full)
+    train(two_phase(tmp_path / "part", tiny_corpus, "checkpoint.interval=0", "train.stop_at_step=4"))
+    rest = two_phase(tmp_path / "part", tiny_corpus, "checkpoint.interval=0")
+    train(rest)
+    keys = ("step", "loss", "grad_norm", "phase", "tokens_by_source", "val_loss")
+    assert [[r.get(k) for k in keys] for r in read_metrics(rest)] == [[r.get(k) for k in keys] for r in read_metrics(full)]
