@@ -3,14 +3,20 @@
 import dataclasses
 import os
 import re
+import typing
+
+import yaml
 
 from conftest import ROOT
-from pretrain.config import Config
+from pretrain.config import Config, _coerce
 
 
 def readme() -> str:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         return f.read()
+
+
+owner = {}  # dotted field name -> the dataclass that declares it
 
 
 def fields(cls, prefix=""):
@@ -19,6 +25,7 @@ def fields(cls, prefix=""):
         if dataclasses.is_dataclass(default):
             yield from fields(type(default), prefix + f.name + ".")
         else:
+            owner[prefix + f.name] = cls
             yield prefix + f.name, default
 
 
@@ -34,8 +41,9 @@ def test_every_config_field_is_in_the_reference_with_its_default():
             assert shown == str(default).lower(), name
         elif isinstance(default, float):
             assert float(shown) == default, name
-        elif isinstance(default, list):
-            assert shown == "[]" and default == [], name
+        elif isinstance(default, (list, dict)):  # shown as YAML that loads to the default
+            hint = typing.get_type_hints(owner[name])[name.split(".")[-1]]
+            assert _coerce(hint, yaml.safe_load(shown), name) == default, name
         else:
             assert shown == str(default), name
     documented = set(rows)
