@@ -21,6 +21,13 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
 class Metrics:
     def __init__(
         self, run_dir: str, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True,
@@ -102,6 +109,8 @@ class Metrics:
         )
         if values.get("phase", "all") != "all":  # a one-phase run's phase says nothing
             line += f" | phase {values['phase']}"
+        if len(values.get("tokens_by_source", {})) > 1:
+            line += " | tokens " + " ".join(f"{k} {_count(v)}" for k, v in values["tokens_by_source"].items())
         if "val_loss" in values:
             line += f" | val loss {values['val_loss']:.4f} (ppl {values['val_ppl']:.2f})"
         if "gpas_scale" in values:

@@ -289,6 +289,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "consumed_samples": self.loader.consumed_samples,
             "phase": schedule.phase_names[schedule.phase_of(self.loader.consumed_samples - 1)],
+            "phase_index": schedule.phase_of(self.loader.consumed_samples - 1),  # a number TensorBoard can plot
             "tokens_by_source": {n: int(c) * seq for n, c in zip(schedule.source_names, self.source_samples)},
         }
         if evaluating:

@@ -213,6 +213,7 @@ def test_phase_and_tokens_by_source_are_logged(tmp_path, tiny_corpus):
     train(cfg)
     records = read_metrics(cfg)
     assert [r["phase"] for r in records] == ["early"] * 3 + ["late"] * 3
+    assert [r["phase_index"] for r in records] == [0] * 3 + [1] * 3
     assert records[2]["tokens_by_source"] == {"one": 9 * 16, "two": 3 * 16}
     assert records[5]["tokens_by_source"] == {"one": 9 * 16, "two": 15 * 16}
     assert set(records[2]["val_loss_by_source"]) == {"one", "two"}
