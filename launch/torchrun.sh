@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Pretrain on one node with NPROC ranks (gloo on CPU, NCCL on GPUs):
+#
+#   launch/torchrun.sh NPROC CONFIG.yaml [section.key=value ...]
+#
+# runs `torchrun --standalone --nproc-per-node NPROC -m pretrain CONFIG.yaml ...` from any
+# folder (the repository is put on PYTHONPATH). Check the layout first with
+# `python -m launch --dry-run CONFIG.yaml --world-size NPROC`.
+set -euo pipefail
+
+usage() {
+  echo "usage: launch/torchrun.sh NPROC CONFIG.yaml [section.key=value ...]" >&2
+  echo "  runs torchrun --standalone --nproc-per-node NPROC -m pretrain CONFIG.yaml [overrides]" >&2
+  exit 2
+}
+
+[[ $# -ge 2 && $1 =~ ^[1-9][0-9]*$ ]] || usage
+nproc=$1
+shift
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec torchrun --standalone --nproc-per-node "$nproc" -m pretrain "$@"
