@@ -1,0 +1,116 @@
+"""`python -m launch --dry-run CONFIG.yaml [section.key=value ...] --world-size N`: check a layout before launching.
+
+Validates the config against the world size (no rank starts, no data is read) and prints
+the rank map of both parallel views, the parameters each rank holds and an estimate of
+its memory. An impossible layout ends with one line naming the fields and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
+         "(--world-size N | --nnodes A --nproc-per-node B)")
+
+# precision.dtype=bf16 autocasts the matrix multiplies; the weights stay fp32 (see PrecisionConfig).
+WEIGHT_BYTES = 4
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _Parser(prog="python -m launch", add_help=False)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--world-size", type=int)
+    parser.add_argument("--nnodes", type=int)
+    parser.add_argument("--nproc-per-node", type=int)
+    parser.add_argument("args", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    if not args.dry_run:
+        raise UsageError("only --dry-run is available here; train with launch/torchrun.sh or launch/slurm.sbatch")
+    by_world = args.world_size is not None
+    by_nodes = args.nnodes is not None and args.nproc_per_node is not None
+    if by_world == by_nodes or (args.nnodes is None) != (args.nproc_per_node is None):
+        raise UsageError("give either --world-size N or both --nnodes and --nproc-per-node")
+    if by_nodes:
+        args.world_size = args.nnodes * args.nproc_per_node
+    if min(n for n in (args.world_size, args.nnodes, args.nproc_per_node) if n is not None) < 1:
+        raise UsageError("--world-size, --nnodes and --nproc-per-node must be positive")
+    args.paths = [a for a in args.args if "=" not in a]
+    args.overrides = [a for a in args.args if "=" in a]
+    if len(args.paths) != 1:
+        raise UsageError(f"expected one config file, got {args.paths or 'none'}")
+    return args
+
+
+def dry_run(path: str, overrides: list[str], world_size: int) -> str:
+    """The report for a valid layout; ConfigError or TopologyError for an impossible one."""
+    from launch.estimate import activation_bytes, human_bytes, parameters_per_tp_rank, state_bytes
+    from parallel.topology import describe
+    from pretrain.config import ConfigError, load_config
+    from pretrain.model import padded_vocab_size
+    from pretrain.trainer import load_tokenizer
+
+    cfg = load_config(path, overrides).validate(world_size)
+    m, p, sizes = cfg.model, cfg.parallel, cfg.sizes(world_size)
+    vocab_size = m.vocab_size or padded_vocab_size(load_tokenizer(cfg).vocab_size, m.vocab_multiple)
+    try:
+        counts = parameters_per_tp_rank(m, vocab_size, sizes)
+    except ValueError as err:  # a weight that does not split evenly, such as the vocabulary over TP
+        raise ConfigError(f"the model does not split over parallel.tensor={p.tensor}: {err}") from None
+
+    total = sum(c.split for c in counts) + counts[0].replicated  # replicated weights counted once
+    lines = [f"{path}: valid for {world_size} ranks", "", describe(sizes), "",
+             f"parameters: {total:,} in the model (vocabulary {vocab_size}); per rank, by tensor-parallel coordinate:"]
+    for c in counts:
+        lines.append(f"  tp rank {c.tp_rank}: {c.total:,} ({c.split:,} tensor-parallel + {c.replicated:,} replicated)")
+
+    sharded = bool(getattr(cfg.optimizer, "distributed", False))
+    shards = sizes.dp * sizes.cp if sharded else 1
+    element_bytes = 4 if cfg.precision.dtype == "fp32" else 2
+    activations = activation_bytes(m, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,
+                                   p.sequence_parallel and p.tensor > 1, element_bytes)
+    lines += [
+        "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
+        f"  fp{WEIGHT_BYTES * 8} weights, fp32 gradients, fp32 Adam states "
+        + (f"sharded over DP x CP = {shards} ranks" if sharded else "not sharded (optimizer.distributed off)"),
+        f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
+        "tokens, no recomputation",
+    ]
+    for c in counts:
+        parts = {**state_bytes(c.total, WEIGHT_BYTES, shards), "activations": activations}
+        terms = " + ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
+        lines.append(f"  tp rank {c.tp_rank}: {terms} = {human_bytes(sum(parts.values()))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"launch: error: {err}\n{USAGE}", file=sys.stderr)
+        return 2
+    from parallel.topology import TopologyError
+    from pretrain.config import ConfigError
+
+    try:
+        print(dry_run(args.paths[0], args.overrides, args.world_size))
+    except (ConfigError, TopologyError, OSError) as err:
+        print(f"launch: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

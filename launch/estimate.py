@@ -1,0 +1,112 @@
+"""Back-of-the-envelope sizes for `python -m launch --dry-run`: parameters and memory per rank.
+
+Parameters are counted exactly, by building one rank's model on the meta device (shapes
+only, no memory). Memory is an estimate: weights, gradients and optimizer states follow
+Megatron-LM's accounting; activations count the tensors each layer of pretrain/model/gpt.py
+keeps for its backward pass. Allocator fragmentation, communication buffers, the CUDA
+context and temporary tensors are not included, so leave headroom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parallel.topology import Sizes, Topology, group_tables
+from pretrain.config import ModelConfig
+from pretrain.model import GPT
+
+
+@dataclass(frozen=True)
+class RankParameters:
+    """The parameters one tensor-parallel rank holds; every rank with this tp coordinate holds the same."""
+
+    tp_rank: int
+    split: int  # elements of this rank's slices of the tensor-parallel weights
+    replicated: int  # elements every tensor-parallel rank holds in full (norms, GPAS gates, row-parallel biases)
+
+    @property
+    def total(self) -> int:
+        return self.split + self.replicated
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(split, replicated) elements of a model: tensor-parallel layers mark their weights with `partition_dim`."""
+    split = replicated = 0
+    for param in model.parameters():
+        if getattr(param, "partition_dim", None) is None:
+            replicated += param.numel()
+        else:
+            split += param.numel()
+    return split, replicated
+
+
+def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes) -> list[RankParameters]:
+    """Build the model of one rank per tensor-parallel coordinate on the meta device and count its parameters.
+
+    The layers size themselves from the topology, so this counts what each rank will really allocate.
+    """
+    counts = []
+    for tp_rank, rank in enumerate(group_tables(sizes)["tp"][0]):
+        topology = Topology.build(sizes, rank, create_groups=False)
+        with torch.device("meta"):
+            model = GPT(model_cfg, vocab_size, topology)
+        counts.append(RankParameters(tp_rank, *count_parameters(model)))
+    return counts
+
+
+def state_bytes(params: int, weight_bytes: int, optimizer_shards: int = 1) -> dict[str, float]:
+    """Bytes of weights, gradients and Adam states for `params` parameters on one rank.
+
+    As in Megatron-LM: gradients are kept in fp32; Adam's m and v are fp32, plus an fp32 master
+    copy of the weights when the weights themselves are 16-bit; the distributed optimizer shards
+    the optimizer states over `optimizer_shards` ranks (the data-parallel x context-parallel group).
+    """
+    optimizer = 4 * 2 + (4 if weight_bytes < 4 else 0)
+    return {
+        "weights": float(weight_bytes * params),
+        "gradients": float(4 * params),
+        "optimizer": optimizer * params / optimizer_shards,
+    }
+
+
+def activation_bytes(
+    m: ModelConfig, micro_batch: int, vocab_size: int, tp: int = 1, cp: int = 1,
+    sequence_parallel: bool = False, element_bytes: int = 2,
+) -> float:
+    """Bytes of the activations one micro-batch keeps for the backward pass on one rank (no recomputation).
+
+    The method of Korthikanti et al. 2022 (Megatron's s*b*h*(34 + 5*a*s/h) per layer), applied to this
+    model: no dropout, grouped-query attention, SwiGLU or GELU, and flash attention, which keeps no
+    s x s score matrix. Each rank holds s = seq_length / CP tokens of b sequences. Per layer, in elements:
+
+    replicated over TP (split over TP with sequence parallelism, counting as Megatron-LM does that a
+    column-parallel linear keeps its sequence shard and gathers it again for the backward pass):
+        4*s*b*h      inputs of the two norms and of the column-parallel linears after them
+    split over TP:
+        s*b*h        queries
+        2*S*b*g*d    keys and values of g query groups (S = seq_length: context parallelism gathers them)
+        s*b*h        attention output, the input of the output projection
+        4*s*b*f      SwiGLU: gate, up, silu(gate) and their product (GELU: 2*s*b*f, its input and output)
+
+    After the last layer: the final norm's input and output (2*s*b*h, like the first row) and the
+    logits (s*b*vocab, split over TP). Everything at `element_bytes` (2 for bf16, 4 for fp32).
+    """
+    s, b, S = m.seq_length // cp, micro_batch, m.seq_length
+    h, f, g = m.hidden_size, m.ffn_size, m.query_groups
+    d = h // m.num_attention_heads
+    replicated_divisor = tp if sequence_parallel else 1
+    mlp = (4 if m.activation == "swiglu" else 2) * s * b * f
+    layer = 4 * s * b * h / replicated_divisor + (s * b * h + 2 * S * b * g * d + s * b * h + mlp) / tp
+    output = 2 * s * b * h / replicated_divisor + s * b * vocab_size / tp
+    return float(element_bytes * (m.num_layers * layer + output))
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    k = 0
+    while n >= 1024 and k < len(units) - 1:
+        n, k = n / 1024, k + 1
+    return f"{n:.0f} B" if k == 0 else f"{n:.1f} {units[k]}"

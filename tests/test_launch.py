@@ -1,0 +1,169 @@
+"""`python -m launch --dry-run`, its estimates, and the torchrun and Slurm scripts (with stand-in commands)."""
+
+import dataclasses
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT
+from launch.__main__ import main
+from launch.estimate import activation_bytes, count_parameters, human_bytes, parameters_per_tp_rank, state_bytes
+from parallel.topology import Sizes, Topology
+from pretrain.config import ModelConfig, load_config
+from pretrain.model import GPT
+
+QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
+TP2_CP2 = ["parallel.tensor=2", "parallel.context=2"]
+
+
+def dry_run(capsys, *argv):
+    code = main(["--dry-run", QUICKSTART, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_rank_map_of_tp2_cp2_dp2_matches_megatron(capsys):
+    code, out, err = dry_run(capsys, *TP2_CP2, "--world-size", "8")
+    assert code == 0, err
+    assert "dense view TP2 x CP2 x DP2 x PP1" in out
+    assert "tp groups: [0, 1] [2, 3] [4, 5] [6, 7]" in out
+    assert "cp groups: [0, 2] [1, 3] [4, 6] [5, 7]" in out
+    assert "dp groups: [0, 4] [1, 5] [2, 6] [3, 7]" in out
+    assert "tp rank 0:" in out and "tp rank 1:" in out and "tp rank 2:" not in out
+    assert "memory per rank, an estimate" in out
+    assert out.count("weights") == 3 and "activations" in out  # the header and one line per tp rank
+
+
+def test_parameters_per_tp_rank_add_up_to_the_single_rank_model():
+    cfg = load_config(QUICKSTART, TP2_CP2)
+    with torch.device("meta"):
+        whole = GPT(cfg.model, 384, Topology.single())
+    counts = parameters_per_tp_rank(cfg.model, 384, cfg.sizes(8))
+    assert [c.tp_rank for c in counts] == [0, 1]
+    assert counts[0].replicated == counts[1].replicated > 0
+    assert sum(c.split for c in counts) + counts[0].replicated == sum(count_parameters(whole)) == whole.num_parameters()
+
+
+def test_nnodes_times_nproc_per_node_is_the_world(capsys):
+    code, out, err = dry_run(capsys, *TP2_CP2, "--nnodes", "2", "--nproc-per-node", "4")
+    assert code == 0, err
+    assert "valid for 8 ranks" in out and "dense view TP2 x CP2 x DP2" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--world-size", "8", "--nnodes", "2", "--nproc-per-node", "4"],
+    ["--nnodes", "2"],
+    [],
+    ["--world-size", "0"],
+])
+def test_exactly_one_form_of_the_world_size(capsys, argv):
+    code, _, err = dry_run(capsys, *argv)
+    assert code == 2 and err.startswith("launch: error: ") and "usage:" in err
+
+
+def test_without_dry_run_is_a_usage_error(capsys):
+    assert main([QUICKSTART, "--world-size", "2"]) == 2
+    assert "only --dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, world, fields", [
+    (["parallel.tensor=3"], 8, ["parallel.tensor", "world size 8"]),
+    (["model.num_attention_heads=2", "parallel.tensor=4"], 8, ["model.num_attention_heads=2", "parallel.tensor=4"]),
+    (TP2_CP2 + ["model.seq_length=12"], 8, ["model.seq_length=12", "2 x parallel.context x parallel.tensor = 8"]),
+    (["parallel.tensor=2", "model.vocab_size=385"], 2, ["parallel.tensor=2", "vocabulary size=385"]),
+])
+def test_impossible_layouts_name_the_fields(capsys, overrides, world, fields):
+    code, out, err = dry_run(capsys, *overrides, "--world-size", str(world))
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: error: ")
+    for field in fields:
+        assert field in lines[0], lines[0]
+
+
+def test_dry_run_shards_optimizer_states_over_dp_x_cp_with_the_distributed_optimizer(capsys, monkeypatch):
+    from pretrain.config import OptimizerConfig
+
+    monkeypatch.setattr(OptimizerConfig, "distributed", True, raising=False)  # until the config has the field
+    code, out, err = dry_run(capsys, *TP2_CP2, "--world-size", "8")
+    assert code == 0, err
+    assert "sharded over DP x CP = 4 ranks" in out
+    assert "weights 6.0 MiB + gradients 6.0 MiB + optimizer 3.0 MiB" in out  # 1,575,168 x 8 bytes / 4
+
+
+def test_distributed_optimizer_shards_only_the_optimizer_states():
+    plain = state_bytes(1000, weight_bytes=4)
+    assert plain == {"weights": 4000, "gradients": 4000, "optimizer": 8000}  # Adam m and v
+    assert state_bytes(1000, weight_bytes=2) == {"weights": 2000, "gradients": 4000, "optimizer": 12000}  # + master
+    assert state_bytes(1000, weight_bytes=2, optimizer_shards=4)["optimizer"] == 3000
+
+
+def test_activation_bytes_by_hand():
+    # s=4 tokens, b=1, h=8, a=2 heads (d=4), g=1 query group, f=16 (SwiGLU), vocab 16, one layer:
+    # norms and linear inputs 4*4*8=128; q 32; k and v 2*4*1*4=32; attention output 32; MLP 4*4*16=256;
+    # final norm 2*4*8=64; logits 4*16=64: 608 elements.
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
+                    seq_length=4)
+    assert activation_bytes(m, 1, 16, element_bytes=2) == 2 * 608
+    assert activation_bytes(m, 1, 16, element_bytes=4) == 4 * 608
+    # CP2: 2 local tokens, but keys and values all-gathered over all 4 (term by term as above):
+    # 64 + 16 + 32 + 16 + 128 + 32 + 32 = 320
+    assert activation_bytes(m, 1, 16, cp=2, element_bytes=1) == 320
+    # TP2 (g=2): the replicated part (128 + 64) stays, the rest halves; sequence parallelism halves it too.
+    m2 = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=16,
+                     seq_length=4)
+    split = 32 + 2 * 4 * 2 * 4 + 32 + 256 + 64  # 448 elements split over TP
+    assert activation_bytes(m2, 1, 16, tp=2, element_bytes=1) == 192 + split / 2
+    assert activation_bytes(m2, 1, 16, tp=2, sequence_parallel=True, element_bytes=1) == (192 + split) / 2
+    assert activation_bytes(dataclasses.replace(m, activation="gelu"), 1, 16, element_bytes=1) == 608 - 128
+
+
+def test_human_bytes():
+    assert [human_bytes(n) for n in (512, 1536, 3 * 2**20, 2.5 * 2**30)] == ["512 B", "1.5 KiB", "3.0 MiB", "2.5 GiB"]
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+
+def stub(folder, name, body):
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def script(name, *args, env=None):
+    return subprocess.run(["bash", os.path.join(ROOT, "launch", name), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=30)
+
+
+@pytest.mark.parametrize("name", ["torchrun.sh", "slurm.sbatch"])
+def test_scripts_are_valid_bash_and_executable(name):
+    path = os.path.join(ROOT, "launch", name)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    assert os.access(path, os.X_OK)
+    result = script(name)
+    assert result.returncode != 0 and "usage:" in result.stderr
+
+
+def test_torchrun_sh_passes_config_and_overrides(tmp_path):
+    stub(tmp_path, "torchrun", 'echo "PYTHONPATH=$PYTHONPATH"; echo "torchrun $*"\n')
+    result = script("torchrun.sh", "4", "my.yaml", "train.iters=5", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert "torchrun --standalone --nproc-per-node 4 -m pretrain my.yaml train.iters=5" in result.stdout
+    assert f"PYTHONPATH={ROOT}" in result.stdout
+    assert script("torchrun.sh", "four", "my.yaml").returncode != 0
+
+
+def test_slurm_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_first_node(tmp_path):
+    stub(tmp_path, "scontrol", 'echo node-a; echo node-b\n')
+    stub(tmp_path, "srun", 'echo "srun $*"\n')
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": ROOT, "GPUS_PER_NODE": "4"}
+    result = script("slurm.sbatch", "my.yaml", "train.iters=5", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "srun --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 4 "
+        "--rdzv-backend c10d --rdzv-endpoint node-a:29500 --rdzv-id 42 -m pretrain my.yaml train.iters=5"
+    )
