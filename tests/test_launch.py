@@ -84,9 +84,15 @@ def test_impossible_layouts_name_the_fields(capsys, overrides, world, fields):
 
 
 def test_dry_run_shards_optimizer_states_over_dp_x_cp_with_the_distributed_optimizer(capsys, monkeypatch):
-    from pretrain.config import OptimizerConfig
+    import pretrain.config
 
-    monkeypatch.setattr(OptimizerConfig, "distributed", True, raising=False)  # until the config has the field
+    def load_with_distributed_optimizer(*args):  # works before and after the config gains optimizer.distributed
+        cfg = real_load(*args)
+        cfg.optimizer.distributed = True
+        return cfg
+
+    real_load = pretrain.config.load_config
+    monkeypatch.setattr(pretrain.config, "load_config", load_with_distributed_optimizer)
     code, out, err = dry_run(capsys, *TP2_CP2, "--world-size", "8")
     assert code == 0, err
     assert "sharded over DP x CP = 4 ranks" in out
