@@ -15,7 +15,7 @@ setup(
         # a GPU cluster keeps the CUDA build it already has.
         "torch>=2.6",
         # indexed .bin/.idx datasets and the compiled index helpers; runs on the CPU.
-        "megatron-core>=0.16",
+        "megatron-core>=0.16,<0.17",  # we use its dataset internals; raise the cap after testing a release
         "numpy",
         "pyyaml",
         "tensorboard",

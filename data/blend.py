@@ -11,7 +11,6 @@ data-parallel rank or `tools.blend_plan` all see the same mapping.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,6 +46,8 @@ def greedy_blend(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     """
     weights = np.asarray(weights, dtype=np.float64)
     active = np.flatnonzero(weights > 0)
+    if size and not len(active):
+        raise ValueError("every weight of the blend is zero")
     which = np.zeros(size, dtype=np.int16)
     counter = np.zeros(size, dtype=np.int64)
     if size:
@@ -122,8 +123,3 @@ class BlendSchedule:
         """[phase, source] samples drawn."""
         starts = np.concatenate([[0], self.sample_ends[:-1]])
         return np.stack([self.counts(int(a), int(b)) for a, b in zip(starts, self.sample_ends)])
-
-
-def epochs(samples: int, seq_length: int, tokens_per_epoch: int) -> float:
-    """How many passes over a source `samples` samples of `seq_length` tokens make."""
-    return samples * seq_length / tokens_per_epoch if tokens_per_epoch else math.inf

@@ -64,13 +64,26 @@ class DataLoader:
 
     def next_step(self) -> list[torch.Tensor]:
         """This rank's micro-batches of the next global batch, each [micro_batch, seq_length + 1] int64."""
-        item = self._read(self.consumed_samples) if self._queue is None else self._queue.get()
+        item = self._read(self.consumed_samples) if self._queue is None else self._take()
         if isinstance(item, Exception):
             raise item
         self.consumed_samples += self.global_batch
         return item
 
+    def _take(self):
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the data loader's prefetch thread has stopped") from None
+
     def close(self) -> None:
+        self._stop.set()
+        if self._queue is not None:
+            self._thread.join(timeout=5.0)
+
+    def __del__(self):
         self._stop.set()
 
 

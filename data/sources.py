@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.blend import BlendSchedule, PhaseConfig, SourceConfig, epochs, greedy_blend, phase_boundaries
+from data.blend import BlendSchedule, PhaseConfig, SourceConfig, greedy_blend, phase_boundaries
 from data.embedded import resolve_prefix
-from data.gpt_dataset import PrefixSamples
+from data.gpt_dataset import PrefixSamples, samples_per_epoch
 from data.indexed import DatasetError, open_indexed_dataset
 
 
@@ -29,6 +29,10 @@ class Prefix:
     def tokens(self, docs: np.ndarray) -> int:
         return int(self.dataset.sequence_lengths[docs].sum()) if len(docs) else 0
 
+    def samples(self, validation: bool, seq_length: int) -> int:
+        """Samples in one epoch of this prefix's training (or validation) documents."""
+        return samples_per_epoch(self.tokens(self.valid_docs if validation else self.train_docs), seq_length)
+
 
 @dataclass
 class Source:
@@ -41,6 +45,12 @@ class Source:
     def train_tokens(self) -> int:
         return sum(p.tokens(p.train_docs) for p in self.prefixes)
 
+    def draws(self, samples: int) -> np.ndarray:
+        """How many samples each prefix gives when the source gives `samples`."""
+        if len(self.prefixes) == 1:
+            return np.array([samples])
+        return np.bincount(greedy_blend(self.weights, samples)[0], minlength=len(self.prefixes))
+
 
 class DataPlan:
     def __init__(self, sources: list[Source], validation: list[Source], schedule: BlendSchedule, seq_length: int,
@@ -52,8 +62,8 @@ class DataPlan:
         """Passes over each source that `samples[s]` samples of it make (its most-read prefix counts)."""
         out = []
         for source, n in zip(self.sources, samples):
-            per_prefix = np.bincount(greedy_blend(source.weights, int(n))[0], minlength=len(source.prefixes))
-            out.append(max(epochs(int(k), self.seq_length, p.tokens(p.train_docs)) for k, p in zip(per_prefix, source.prefixes)))
+            per_prefix = source.draws(int(n))
+            out.append(max(k / p.samples(False, self.seq_length) if k else 0.0 for k, p in zip(per_prefix, source.prefixes)))
         return out
 
     def check_epochs(self) -> None:
@@ -74,26 +84,27 @@ class DataPlan:
             cumulative += counts[k]
             total = counts[k].sum()
             target = s.phase_weights[k] / s.phase_weights[k].sum()
+            read = self.source_epochs(cumulative)
             for j, source in enumerate(self.sources):
-                e = self.source_epochs(cumulative)[j]
                 lines.append(
                     f"{name:<16} {source.name:<16} {counts[k, j]:>10,} {counts[k, j] * self.seq_length:>14,} "
-                    f"{counts[k, j] / total:>8.2%} {target[j]:>8.2%} {e:>8.3f}"
+                    f"{counts[k, j] / total:>8.2%} {target[j]:>8.2%} {read[j]:>8.3f}"
                 )
         total = s.samples_per_source
+        read = self.source_epochs(total)
         for j, source in enumerate(self.sources):
             limit = f" (max {source.max_epochs:g})" if source.max_epochs is not None else ""
             lines.append(
                 f"{'run':<16} {source.name:<16} {total[j]:>10,} {total[j] * self.seq_length:>14,} "
-                f"{total[j] / total.sum():>8.2%} {'':>8} {self.source_epochs(total)[j]:>8.3f}{limit}"
+                f"{total[j] / total.sum():>8.2%} {'':>8} {read[j]:>8.3f}{limit}"
             )
         return "\n".join(lines)
 
 
 def _open_source(name: str, cfg: SourceConfig, vocab_size: int, train_share: float, cache_dir: str | None,
-                 field_name: str) -> Source:
-    """Open and check a source's prefixes; the first `train_share` of each prefix's documents train
-    (0: a validation-only source), the rest are held out."""
+                 field_name: str, seq_length: int, validation: bool) -> Source:
+    """Open and check a source's prefixes. The first `train_share` of each prefix's documents train, the rest
+    are held out; the source is weighted for training, or (`validation`) for its held-out documents."""
     prefixes = []
     for raw in cfg.prefixes:
         try:
@@ -104,10 +115,24 @@ def _open_source(name: str, cfg: SourceConfig, vocab_size: int, train_share: flo
         n = len(dataset.sequence_lengths)
         cut = int(round(n * train_share))
         prefixes.append(Prefix(path, dataset, np.arange(cut), np.arange(cut, n)))
-    if cfg.weights is not None:
+    if cfg.weights is not None and not validation:
         weights = np.asarray(cfg.weights, dtype=np.float64)
-    else:  # the natural mixture: in proportion to the tokens the source serves
-        weights = np.asarray([p.tokens(p.train_docs if train_share > 0 else p.valid_docs) for p in prefixes], dtype=np.float64)
+    else:  # in proportion to the tokens the source serves, leaving out prefixes too small for one sample
+        weights = np.asarray([p.tokens(p.valid_docs if validation else p.train_docs) if p.samples(validation, seq_length)
+                              else 0 for p in prefixes], dtype=np.float64)
+    kind = "validation" if validation else "training"
+    for p, w in zip(prefixes, weights):
+        if w > 0 and not p.samples(validation, seq_length):
+            raise DatasetError(
+                f"{field_name}.{name}: {p.path} has {p.tokens(p.valid_docs if validation else p.train_docs)} {kind} "
+                f"tokens, too few for one sample of model.seq_length+1={seq_length + 1}: give it weight 0, add data "
+                "or change data.split"
+            )
+    if weights.sum() <= 0:
+        raise DatasetError(
+            f"{field_name}.{name} has no {kind} documents long enough for one sample of {seq_length + 1} tokens: "
+            "add data, shorten model.seq_length or change data.split"
+        )
     return Source(name, prefixes, weights / weights.sum(), cfg.max_epochs)
 
 
@@ -118,12 +143,16 @@ def make_plan(
 ) -> DataPlan:
     """Check every prefix and the schedule; raises DatasetError or ValueError naming the field."""
     train_share = 1.0 if validation else split[0]
-    opened = [_open_source(n, c, vocab_size, train_share, cache_dir, "data.sources") for n, c in sources.items()]
+    opened = [_open_source(n, c, vocab_size, train_share, cache_dir, "data.sources", seq_length, False)
+              for n, c in sources.items()]
     if validation:
-        held_out = [_open_source(n, SourceConfig(prefixes=p), vocab_size, 0.0, cache_dir, "data.validation")
+        held_out = [_open_source(n, SourceConfig(prefixes=p), vocab_size, 0.0, cache_dir, "data.validation", seq_length, True)
                     for n, p in validation.items()]
-    else:
-        held_out = [s for s in opened if any(len(p.valid_docs) for p in s.prefixes)]
+    else:  # each source's held-out documents, where they make at least one sample
+        held_out = []
+        for n, c in sources.items():
+            if any(p.samples(True, seq_length) for p in next(s for s in opened if s.name == n).prefixes):
+                held_out.append(_open_source(n, c, vocab_size, train_share, cache_dir, "data.sources", seq_length, True))
     names = [s.name for s in opened]
     if phases:
         weights = np.array([[p.weights.get(n, 0.0) for n in names] for p in phases])
@@ -144,19 +173,30 @@ class SourceStream:
     def __init__(self, source: Source, size: int, seq_length: int, seed: int, tokenizer, split, is_validation: bool,
                  cache_dir: str | None):
         self.name = source.name
-        self.which, self.index = greedy_blend(source.weights, size)
-        needed = np.bincount(self.which, minlength=len(source.prefixes))
+        self.size = size
+        self.blend = greedy_blend(source.weights, size) if len(source.prefixes) > 1 else None
+        self.needed = needed = source.draws(size)
         self.prefixes = [
-            PrefixSamples(p.path, p.dataset, p.valid_docs if is_validation else p.train_docs, int(n), seq_length,
-                          seed, tokenizer, split, is_validation, cache_dir) if n else None
+            PrefixSamples(p.path, p.dataset, p.valid_docs if is_validation else p.train_docs, seq_length, seed,
+                          tokenizer, split, is_validation, cache_dir) if n else None
             for p, n in zip(source.prefixes, needed)
         ]
 
     def __len__(self) -> int:
-        return len(self.which)
+        return self.size
+
+    def build_indices(self) -> None:
+        """Build (or load) the sample indices of every epoch this stream will read."""
+        for prefix, n in zip(self.prefixes, self.needed):
+            if prefix is not None:
+                for epoch in range(-(-int(n) // prefix.samples_per_epoch)):
+                    prefix.epoch(epoch)
 
     def __getitem__(self, k: int) -> np.ndarray:
-        return self.prefixes[self.which[k]][int(self.index[k])]
+        if self.blend is None:
+            return self.prefixes[0][k]
+        which, index = self.blend
+        return self.prefixes[which[k]][int(index[k])]
 
 
 class TrainingStreams:
@@ -176,6 +216,10 @@ class TrainingStreams:
 
     def __len__(self) -> int:
         return len(self.schedule)
+
+    def build_indices(self) -> None:
+        for stream in self.train + self.validation:
+            stream.build_indices()
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.train[self.schedule.source[i]][int(self.schedule.index[i])]

@@ -73,7 +73,7 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     for c in counts:
         lines.append(f"  tp rank {c.tp_rank}: {c.total:,} ({c.split:,} tensor-parallel + {c.replicated:,} replicated)")
 
-    sharded = bool(getattr(cfg.optimizer, "distributed", False))
+    sharded = cfg.optimizer.distributed
     shards = sizes.dp * sizes.cp if sharded else 1
     element_bytes = 4 if cfg.precision.dtype == "fp32" else 2
     activations = activation_bytes(m, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,

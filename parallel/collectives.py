@@ -1,7 +1,8 @@
 """Autograd-aware communication over an explicit process group.
 
-Each function is the identity (and costs nothing) when the group has a single rank,
-so the same model code runs on one rank and on many.
+Each function is the identity (and costs nothing) when the group has a single rank, so
+the same model code runs on one rank and on many. The pairs are adjoint: the backward
+of a copy is a sum, of an all-gather a reduce-scatter, and the other way round.
 """
 
 from __future__ import annotations
@@ -11,9 +12,34 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# torch renamed reduce_scatter_tensor; keep working on both sides of the rename
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
     return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` (no autograd)."""
+    size = group_size(group)
+    front = x.movedim(dim, 0).contiguous()
+    out = torch.empty((size * front.shape[0],) + front.shape[1:], dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum `x` over the group and keep this rank's slice along `dim` (no autograd)."""
+    size = group_size(group)
+    front = x.movedim(dim, 0).contiguous()
+    out = torch.empty((front.shape[0] // size,) + front.shape[1:], dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, front, group=group)
+    return out.movedim(0, dim)
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -45,9 +71,43 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-def copy_to_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+class _GatherAlong(torch.autograd.Function):
+    """Forward: all-gather along `dim`. Backward: reduce-scatter along `dim` (every rank used every slice)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return all_gather_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_dim(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterAlong(torch.autograd.Function):
+    """Forward: sum over the group, keep this rank's slice along `dim`. Backward: all-gather along `dim`."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim(grad, ctx.dim, ctx.group), None, None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _CopyToGroup.apply(x, group)
 
 
-def reduce_from_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherAlong.apply(x, dim, group)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceScatterAlong.apply(x, dim, group)

@@ -1,8 +1,16 @@
-"""Tensor-parallel layers: each rank holds a slice of the weight and communicates over the TP group.
+"""Tensor- and sequence-parallel layers: each rank holds a slice of a weight and talks over the TP group.
 
-Every weight carries `full_shape`, `partition_dim` and `partition_stride` so that
-initialisation can draw the full tensor from a name-keyed generator and keep this
-rank's slice: the same seed gives the same model whatever the layout.
+Without sequence parallelism, activations between layers are replicated on the TP ranks:
+a column-parallel layer copies its input in (gradients summed on the way back) and a
+row-parallel layer sums its partial outputs. With sequence parallelism, activations
+between layers are split along the sequence instead: a column-parallel layer all-gathers
+its input along the sequence, a row-parallel layer reduce-scatters its output, and the
+norms in between run on sequence shards (their weight gradients are then partial sums,
+added over TP by the gradient synchronisation: such weights are marked `sequence_parallel`).
+
+Every weight carries `full_shape` and `partition_dim` so that initialisation can draw the
+full tensor from a name-keyed generator and keep this rank's slice: the same seed gives
+the same model whatever the layout.
 """
 
 from __future__ import annotations
@@ -11,24 +19,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel.collectives import copy_to_group, reduce_from_group
+from parallel.collectives import copy_to_group, gather_along, group_rank, group_size, reduce_from_group, reduce_scatter_along
 from parallel.topology import Topology
 
+SEQ_DIM = 1  # activations are [batch, sequence, hidden]
 
-def mark_partition(param: nn.Parameter, full_shape, dim: int | None, stride: int = 1) -> nn.Parameter:
+
+def mark_partition(param: nn.Parameter, full_shape, dim: int | None) -> nn.Parameter:
     param.full_shape = tuple(full_shape)
     param.partition_dim = dim
-    param.partition_stride = stride
     return param
 
 
-def take_shard(full: torch.Tensor, dim: int | None, stride: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of `full` along `dim`. With stride k the dimension holds k blocks
-    (for example gate and up projections) and each rank takes its slice of every block."""
+def take_shard(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of `full` along `dim` (all of it when `dim` is None)."""
     if dim is None or size == 1:
         return full
-    blocks = full.chunk(stride, dim=dim)
-    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim)
+    return full.chunk(size, dim=dim)[rank]
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -37,53 +44,105 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+def enter_tensor_parallel(x: torch.Tensor, topology: Topology, sequence_parallel: bool) -> torch.Tensor:
+    """The input of a column-parallel matmul: the full (local) sequence, replicated over TP."""
+    if sequence_parallel:
+        return gather_along(x, SEQ_DIM, topology.tp_group)
+    return copy_to_group(x, topology.tp_group)
+
+
+def leave_tensor_parallel(y: torch.Tensor, topology: Topology, sequence_parallel: bool) -> torch.Tensor:
+    """The output of a row-parallel matmul: partial sums added over TP (and split along the sequence with SP)."""
+    if sequence_parallel:
+        return reduce_scatter_along(y, SEQ_DIM, topology.tp_group)
+    return reduce_from_group(y, topology.tp_group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows; each rank produces its slice of the outputs."""
 
-    def __init__(self, in_features: int, out_features: int, topology: Topology, stride: int = 1, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, topology: Topology, sequence_parallel: bool = False):
         super().__init__()
-        self.group = topology.tp_group
+        self.topology, self.sequence_parallel = topology, sequence_parallel
         local_out = _divide(out_features, topology.tp, "output features")
-        self.weight = mark_partition(nn.Parameter(torch.empty(local_out, in_features)), (out_features, in_features), 0, stride)
-        self.bias = mark_partition(nn.Parameter(torch.zeros(local_out)), (out_features,), 0, stride) if bias else None
+        self.weight = mark_partition(nn.Parameter(torch.empty(local_out, in_features)), (out_features, in_features), 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, entered: bool = False) -> torch.Tensor:
+        """`entered`: `x` is already the output of `enter_tensor_parallel` (shared by several layers)."""
+        if not entered:
+            x = enter_tensor_parallel(x, self.topology, self.sequence_parallel)
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns; partial outputs are summed over the TP group."""
 
-    def __init__(self, in_features: int, out_features: int, topology: Topology, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, topology: Topology, sequence_parallel: bool = False):
         super().__init__()
-        self.group = topology.tp_group
+        self.topology, self.sequence_parallel = topology, sequence_parallel
         local_in = _divide(in_features, topology.tp, "input features")
         self.weight = mark_partition(nn.Parameter(torch.empty(out_features, local_in)), (out_features, in_features), 1)
-        self.bias = mark_partition(nn.Parameter(torch.zeros(out_features)), (out_features,), None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_group(F.linear(x, self.weight), self.group)
-        return y if self.bias is None else y + self.bias
+        return leave_tensor_parallel(F.linear(x, self.weight), self.topology, self.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; ids outside this rank's range contribute zeros."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, topology: Topology):
+    def __init__(self, vocab_size: int, hidden_size: int, topology: Topology, sequence_parallel: bool = False):
         super().__init__()
-        self.group = topology.tp_group
+        self.topology, self.sequence_parallel = topology, sequence_parallel
         local = _divide(vocab_size, topology.tp, "vocabulary size")
         self.start = topology.tp_rank * local
-        self.end = self.start + local
         self.weight = mark_partition(nn.Parameter(torch.empty(local, hidden_size)), (vocab_size, hidden_size), 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.end - self.start == self.weight.full_shape[0]:
+        if self.topology.tp == 1:
             return F.embedding(ids, self.weight)
-        outside = (ids < self.start) | (ids >= self.end)
+        outside = (ids < self.start) | (ids >= self.start + self.weight.shape[0])
         local_ids = (ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_group(out, self.group)
+        return leave_tensor_parallel(out, self.topology, self.sequence_parallel)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary across the TP group, without gathering them:
+    only the per-token max, the sum of exponentials and the target logit cross the group."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group):
+        local_vocab = logits.shape[-1]
+        start = group_rank(group) * local_vocab
+        logits = logits.float()
+        maximum = logits.max(dim=-1).values
+        torch.distributed.all_reduce(maximum, op=torch.distributed.ReduceOp.MAX, group=group)
+        shifted = logits - maximum.unsqueeze(-1)
+        outside = (labels < start) | (labels >= start + local_vocab)
+        local_labels = (labels - start).masked_fill(outside, 0)
+        target = shifted.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack([target, sum_exp])
+        torch.distributed.all_reduce(both, group=group)
+        target, sum_exp = both[0], both[1]
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_labels, outside)
+        return sum_exp.log() - target
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local_labels, outside = ctx.saved_tensors
+        grad_logits = softmax
+        hit = (~outside).to(softmax.dtype)
+        grad_logits.scatter_add_(-1, local_labels.unsqueeze(-1), -hit.unsqueeze(-1))
+        return grad_logits * grad.unsqueeze(-1), None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, topology: Topology) -> torch.Tensor:
+    """Per-token loss of logits [..., vocab / TP] against labels [...] (fp32)."""
+    if group_size(topology.tp_group) == 1:
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    return _VocabParallelCrossEntropy.apply(logits, labels, topology.tp_group)
 
 
 def init_normal_(param: nn.Parameter, std: float, generator: torch.Generator, rank: int, size: int) -> None:
@@ -91,14 +150,4 @@ def init_normal_(param: nn.Parameter, std: float, generator: torch.Generator, ra
     full = torch.empty(param.full_shape, dtype=torch.float32)
     full.normal_(0.0, std, generator=generator)
     with torch.no_grad():
-        param.copy_(take_shard(full, param.partition_dim, param.partition_stride, rank, size))
-
-
-__all__ = [
-    "ColumnParallelLinear",
-    "RowParallelLinear",
-    "VocabParallelEmbedding",
-    "init_normal_",
-    "mark_partition",
-    "take_shard",
-]
+        param.copy_(take_shard(full, param.partition_dim, rank, size))

@@ -6,7 +6,6 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -31,23 +30,28 @@ def main(argv: list[str]) -> int:
     path = paths[0] if paths else str(QUICKSTART)
     from data.indexed import DatasetError
     from parallel.topology import TopologyError
+    from pretrain import distributed
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
     from pretrain.trainer import NonFiniteError, train
 
     known = (ConfigError, DatasetError, TopologyError, CheckpointError, NonFiniteError, OSError)
+    world_size, rank = distributed.world_from_env()
+    who = f"foldtron (rank {rank}/{world_size})" if world_size > 1 else "foldtron"  # every rank's errors show
     try:
         cfg = load_config(path, overrides)
         debug = cfg.run.debug
-        train(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+        train(cfg, world_size, rank)
     except KeyboardInterrupt:
-        print("foldtron: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if debug or not isinstance(err, known):
             raise
-        print(f"foldtron: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
     return 0
 
 

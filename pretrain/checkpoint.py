@@ -21,7 +21,9 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from parallel.data_parallel import DistributedAdamW
+from pretrain.distributed import barrier
 
 LATEST = "latest"
 META = "meta.json"
@@ -47,29 +49,63 @@ def check_writable(ckpt_dir: str) -> None:
         raise CheckpointError(f"checkpoint.dir={ckpt_dir!r} is not writable ({err.strerror}): choose another folder") from None
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optim": optim_state}
+def _sharded_state(model: torch.nn.Module, optimizer, topology, saving: bool) -> dict:
+    """Keys name the shard they hold, so every rank writes (and reads) only its own part:
+    `model.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights),
+    `optim.tp<t>` for the plain optimizer (likewise replicated) or `optim.tp<t>.dpcp<d>` for the
+    distributed one (each rank its slice)."""
+    t, d = topology.tp_rank, topology.coords["dp_cp"]
+    writer = d == 0 or not saving
+    state = {}
+    if writer:
+        state[f"model.tp{t}"] = model.state_dict()
+    if isinstance(optimizer, DistributedAdamW):
+        state[f"optim.tp{t}.dpcp{d}"] = _optimizer_state(optimizer.inner)
+    elif writer:
+        state[f"optim.tp{t}"] = _optimizer_state(optimizer)
+    return state
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()
+    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+
+
+def _initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its Adam state (a step with zero gradients and learning rate 0 changes no weight),
+    so that a checkpoint can be loaded into the tensors in place."""
+    if optimizer.state:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+        for p in group["params"]:
+            p.grad = None
 
 
 def save(
-    ckpt_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-    keep_last: int, rank: int = 0,
+    ckpt_dir: str, step: int, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int,
 ) -> str:
-    """Write checkpoint `step` atomically; return its folder."""
+    """Write checkpoint `step` atomically (every rank its shards); return its folder."""
+    rank = topology.rank
     final = os.path.join(ckpt_dir, step_name(step))
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_name(step))
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a save that crashed
+    barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_state(model, optimizer), checkpoint_id=tmp)
+        dcp.save(_sharded_state(model, optimizer, topology, saving=True), checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()  # every rank's files are in place before the folder is renamed
     if rank == 0:
         with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=1)
+            json.dump({"step": step, "layout": topology.layout(), **meta}, f, indent=1)
         stale = None
         if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
             stale = final + ".old"
@@ -79,6 +115,7 @@ def save(
         if stale:
             shutil.rmtree(stale)
         _prune(ckpt_dir, keep_last)
+    barrier()
     return final
 
 
@@ -147,8 +184,13 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def check_compatible(path: str, meta: dict, model_signature: dict) -> None:
-    """Refuse a checkpoint of another model before anything is loaded."""
+def check_compatible(path: str, meta: dict, model_signature: dict, layout: dict) -> None:
+    """Refuse a checkpoint of another model, or of another parallel layout, before anything is loaded."""
+    if meta.get("layout") != layout:
+        raise CheckpointError(
+            f"{path} was saved with the parallel layout {meta.get('layout')}, this run is {layout}: loading into "
+            "another layout is not supported yet; resume with the layout it was saved with"
+        )
     saved = meta.get("model_signature", {})
     different = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in model_signature.items() if saved.get(k) != v]
     if different:
@@ -158,16 +200,20 @@ def check_compatible(path: str, meta: dict, model_signature: dict) -> None:
         )
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+def load(path: str, model: torch.nn.Module, optimizer, topology) -> dict:
     """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first); return its meta."""
     meta = read_meta(path)
-    state = _state(model, optimizer)
-    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    inner = optimizer.inner if isinstance(optimizer, DistributedAdamW) else optimizer
+    _initialise_optimizer_state(inner)
+    state = _sharded_state(model, optimizer, topology, saving=False)
+    rng_path = os.path.join(path, f"rng_rank{topology.rank}.pt")
     try:  # DCP and torch.load raise many kinds of errors; all mean the same to the user
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        model.load_state_dict(state[f"model.tp{topology.tp_rank}"])
+        saved = next(v for k, v in state.items() if k.startswith("optim."))
+        inner.load_state_dict({"state": {int(k): v for k, v in saved["state"].items()}, "param_groups": saved["param_groups"]})
         rng = torch.load(rng_path, weights_only=False)
     except Exception as err:
         first_line = (str(err).splitlines() or [""])[0][:200]

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from data.blend import PhaseConfig, SourceConfig, phase_boundaries
+from parallel.topology import Sizes, TopologyError
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,9 @@ class ParallelConfig:
     expert_tensor: Optional[int] = None  # null: same as tensor
     sequence_parallel: bool = False  # no effect with tensor=1, as in Megatron-LM
     order: str = "tp-cp-ep-dp-pp"  # fastest-varying axis first, as in Megatron-LM
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on the CPU
+    timeout_minutes: float = 10.0  # a collective that waits longer fails, naming the rank
+    grad_bucket_mb: float = 25.0  # gradients are reduced in buckets of this size while backward runs
 
 
 @dataclass
@@ -117,6 +121,7 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     fused: Optional[bool] = None  # null: fused where the device supports it
+    distributed: bool = False  # shard Adam states over the data x context-parallel ranks (ZeRO-1)
 
 
 @dataclass
@@ -230,10 +235,8 @@ class Config:
         for name in ("tensor", "context", "pipeline", "expert", "virtual_pipeline", "expert_tensor"):
             if getattr(p, name) is not None:
                 e.positive(f"parallel.{name}", getattr(p, name))
-        axes = p.order.split("-")
-        if sorted(axes) != sorted(ORDER_AXES):
-            e.add(f"parallel.order={p.order!r}: must name each of {', '.join(ORDER_AXES)} once, joined by '-' "
-                  "(for example tp-cp-ep-dp-pp)")
+        e.positive("parallel.timeout_minutes", p.timeout_minutes)
+        e.positive("parallel.grad_bucket_mb", p.grad_bucket_mb)
         e.positive("train.iters", t.iters)
         e.positive("train.global_batch_size", t.global_batch_size)
         e.positive("train.micro_batch_size", t.micro_batch_size)
@@ -289,26 +292,51 @@ class Config:
         if s.warmup_iters > t.iters:
             e.add(f"scheduler.warmup_iters={s.warmup_iters} exceeds train.iters={t.iters}: shorten the warmup")
         self._validate_data(e)
+        self._validate_layout(e, world_size)
+
+    def sizes(self, world_size: int) -> Sizes:
         p = self.parallel
-        model_parallel = p.tensor * p.context * p.pipeline
-        expert_parallel = (p.expert_tensor or p.tensor) * p.expert * p.pipeline
-        if world_size % expert_parallel:
-            e.add(
-                f"parallel.expert_tensor x parallel.expert x parallel.pipeline = {expert_parallel} does not divide "
-                f"the world size {world_size}: use sizes whose product divides the number of ranks"
-            )
-        if world_size % model_parallel:
-            e.add(
-                f"parallel.tensor x parallel.context x parallel.pipeline = {model_parallel} does not divide "
-                f"the world size {world_size}: use sizes whose product divides the number of ranks"
-            )
+        return Sizes(world=world_size, tp=p.tensor, cp=p.context, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor,
+                     vpp=p.virtual_pipeline, order=p.order, sp=p.sequence_parallel)
+
+    def _validate_layout(self, e: "_Errors", world_size: int) -> None:
+        """The layout against the world size and the model: every rule names its fields."""
+        m, t, p = self.model, self.train, self.parallel
+        sizes = self.sizes(world_size)
+        try:
+            sizes.check()
+        except TopologyError as err:
+            e.add(str(err))
             return
-        data_parallel = world_size // model_parallel
-        per_step = t.micro_batch_size * data_parallel
+        if p.pipeline > 1 or p.virtual_pipeline:
+            e.add("parallel.pipeline / parallel.virtual_pipeline: pipeline parallelism is not available yet; use 1")
+        if p.expert > 1 or (p.expert_tensor or p.tensor) != p.tensor:
+            e.add("parallel.expert / parallel.expert_tensor: expert parallelism needs mixture-of-experts layers, "
+                  "not available yet; use expert=1 and no expert_tensor")
+        tp, cp = p.tensor, p.context
+        if m.num_attention_heads % tp:
+            e.add(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={tp}: "
+                  "each tensor-parallel rank needs whole heads")
+        if m.query_groups % tp:
+            e.add(f"model.num_query_groups={m.query_groups} is not divisible by parallel.tensor={tp}: each "
+                  "tensor-parallel rank needs whole key/value heads (raise num_query_groups or lower tensor)")
+        if m.vocab_size is not None and m.vocab_size % tp:
+            e.add(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={tp}: each rank holds an "
+                  "equal slice of the vocabulary")
+        if m.vocab_size is None and m.vocab_multiple % tp:
+            e.add(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tensor={tp}: the padded "
+                  "vocabulary must split evenly")
+        if m.ffn_size % tp:
+            e.add(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={tp}")
+        split = 2 * cp * tp if cp > 1 else (tp if p.sequence_parallel else 1)
+        if m.seq_length % split:
+            why = f"2 x parallel.context x parallel.tensor = {split}" if cp > 1 else f"parallel.tensor = {tp} (sequence parallelism)"
+            e.add(f"model.seq_length={m.seq_length} is not divisible by {why}: choose a multiple of {split}")
+        per_step = t.micro_batch_size * sizes.dp
         if t.global_batch_size % per_step:
             e.add(
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-                f"{t.micro_batch_size} x data-parallel size {data_parallel} = {per_step}: "
+                f"{t.micro_batch_size} x data-parallel size {sizes.dp} = {per_step}: "
                 f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} or a smaller micro-batch"
             )
 
@@ -333,6 +361,8 @@ class Config:
                 _check_weights(e, f"{field_name}.weights", source.weights)
             if source.max_epochs is not None:
                 e.positive(f"{field_name}.max_epochs", source.max_epochs)
+        if d.validation and d.split != DataConfig.split:
+            e.add(f"data.split={d.split!r} is unused when data.validation names validation sets: remove one of them")
         for name, prefixes in d.validation.items():
             if not prefixes:
                 e.add(f"data.validation.{name} is empty: list its dataset prefixes")
@@ -353,9 +383,6 @@ class Config:
                 phase_boundaries(d.phases, self.train.iters, self.train.global_batch_size * self.model.seq_length)
             except ValueError as err:
                 e.add(str(err))
-
-
-ORDER_AXES = ("tp", "cp", "ep", "dp", "pp")
 
 
 def _check_weights(e: "_Errors", name: str, weights: list[float]) -> None:

@@ -7,6 +7,7 @@ a checkpoint of another model) is checked in `Trainer.__init__`, before the firs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import time
@@ -17,8 +18,11 @@ from data.indexed import DatasetError
 from data.loader import DataLoader, eval_batches
 from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import build_tokenizer
+from parallel.context_parallel import split_sequence
+from parallel.data_parallel import DistributedAdamW, GradBuffer
 from parallel.topology import Topology
-from pretrain import checkpoint
+from pretrain import checkpoint, distributed
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, parse_split
 from pretrain.metrics import Metrics
 from pretrain.model import GPT, padded_vocab_size
@@ -30,20 +34,15 @@ class NonFiniteError(RuntimeError):
     """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is available: use run.device=auto or cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or GPAS gates); fused where supported."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+def build_optimizer(model: torch.nn.Module, grads: GradBuffer, cfg: Config, device: torch.device):
+    """AdamW with weight decay on matrices only (not on norms or GPAS gates), fused where supported;
+    with optimizer.distributed, its states sharded over the data x context-parallel ranks."""
     o = cfg.optimizer
     fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
+    if o.distributed:
+        return DistributedAdamW(grads, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, fused)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
@@ -75,13 +74,24 @@ def plan_data(cfg: Config, tokenizer) -> DataPlan:
     )
 
 
+def data_signature(cfg: Config) -> str:
+    """What the mapping step -> samples depends on; resuming under another one would read another stream.
+    (train.iters counts only when phases are given: it moves their boundaries.)"""
+    d, t = cfg.data, cfg.train
+    parts = {
+        "tokenizer": [d.tokenizer, d.tokenizer_path], "sources": d.sources, "phases": d.phases, "split": d.split,
+        "validation": d.validation, "seq_length": cfg.model.seq_length, "global_batch": t.global_batch_size,
+        "seed": cfg.run.seed, "iters": t.iters if d.phases else None,
+    }
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
 class Trainer:
     def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
         cfg.validate(world_size)
-        p = cfg.parallel
-        self.topology = Topology.build(world_size, rank, p.tensor, p.context, p.pipeline)
+        self.device = distributed.setup(cfg, world_size, rank)
+        self.topology = topology = Topology.build(cfg.sizes(world_size), rank)
         self.is_main = rank == 0
-        self.device = resolve_device(cfg.run.device)
         self.tokenizer = load_tokenizer(cfg)
         vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
         if vocab_size < self.tokenizer.vocab_size:
@@ -95,24 +105,30 @@ class Trainer:
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else {"step": 0, "consumed_samples": 0}
         checkpoint.check_no_later_checkpoints(self.ckpt_dir, meta["step"])
         if self.resume_from:
-            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg))
+            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg), topology.layout())
+            if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
+                raise CheckpointError(
+                    f"{self.resume_from} was trained with other data settings (sources, phases, split, seq_length, "
+                    "global batch, seed or, with phases, train.iters): resuming would read another stream; "
+                    "resume with the same settings, or start a new run.dir"
+                )
 
         t, d = cfg.train, cfg.data
-        self.plan = plan_data(cfg, self.tokenizer)
         eval_samples = cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0
-        self.data = TrainingStreams(self.plan, cfg.run.seed, self.tokenizer, eval_samples, d.cache_dir)
+        self.plan, self.data = distributed.rank0_first(lambda: self._build_data(eval_samples))
 
         torch.manual_seed(cfg.run.seed)
-        self.model = GPT(cfg.model, vocab_size, self.topology).to(self.device)
+        self.model = GPT(cfg.model, vocab_size, topology).to(self.device)
         self.model.init_parameters(cfg.run.seed)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
+        self.optimizer = build_optimizer(self.model, self.grads, cfg, self.device)
         if self.resume_from:
-            meta = checkpoint.load(self.resume_from, self.model, self.optimizer, rank)
+            meta = checkpoint.load(self.resume_from, self.model, self.optimizer, topology)
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
         self.loader = DataLoader(
-            self.data, t.global_batch_size, t.micro_batch_size, self.topology.dp_rank, self.topology.dp,
+            self.data, t.global_batch_size, t.micro_batch_size, topology.dp_rank, topology.dp,
             meta["consumed_samples"], d.prefetch,
         )
         self.source_samples = self.data.schedule.counts(0, meta["consumed_samples"])
@@ -121,7 +137,13 @@ class Trainer:
             cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main,
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
         )
-        self.gates = [p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")]
+        self.gates = {p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")}
+
+    def _build_data(self, eval_samples: int) -> tuple[DataPlan, TrainingStreams]:
+        plan = plan_data(self.cfg, self.tokenizer)
+        streams = TrainingStreams(plan, self.cfg.run.seed, self.tokenizer, eval_samples, self.cfg.data.cache_dir)
+        streams.build_indices()  # now, on rank 0 first: no rank builds or reads a half-written cache later
+        return plan, streams
 
     # ------------------------------------------------------------------ one step
 
@@ -130,26 +152,37 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of this rank's tokens of a micro-batch [batch, seq + 1]: under context
+        parallelism its two chunks of every sequence, at their true positions."""
+        tp = self.topology
+        tokens = tokens.to(self.device, non_blocking=True)
+        ids, labels = tokens[:, :-1], tokens[:, 1:]
+        positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        ids, labels, positions = (split_sequence(x, tp.cp_rank, tp.cp) for x in (ids, labels, positions))
+        with self.autocast():
+            logits = self.model(ids, positions)
+        return next_token_loss(logits, labels, tp)
+
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (loss, grad norm)."""
+        """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank."""
         step = self.step + 1
         lr = learning_rate(step, self.cfg.train.iters, self.cfg.optimizer, self.cfg.scheduler)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grads.zero()
         consumed = self.loader.consumed_samples
         micro_batches = self.loader.next_step()
         self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
         total = torch.zeros((), device=self.device)
-        for tokens in micro_batches:
-            tokens = tokens.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.model(tokens[:, :-1])
-            loss = next_token_loss(logits, tokens[:, 1:]) / len(micro_batches)
+        for i, tokens in enumerate(micro_batches):
+            self.grads.start_micro_batch(last=i == len(micro_batches) - 1)
+            loss = self.forward_loss(tokens) / len(micro_batches)
             loss.backward()
             total += loss.detach()
-        loss_value = float(total)
+        self.grads.finish()
+        loss_value = float(distributed.mean_over(total, self.topology.dp_cp_group, self.topology.dp * self.topology.cp))
         if not math.isfinite(loss_value):
             raise NonFiniteError(
                 f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
@@ -161,6 +194,9 @@ class Trainer:
                 f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
                 "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
             )
+        if not isinstance(self.optimizer, DistributedAdamW):
+            for p in self.model.parameters():
+                p.grad = p.main_grad
         self.optimizer.step()
         self.step = step
         return loss_value, grad_norm
@@ -177,32 +213,35 @@ class Trainer:
             )
 
     def clip_gradients(self) -> float:
-        """Clip by the global norm (the GPAS gates separately when model.gpas.gate_grad_clip is set)."""
+        """Clip by the global norm over every rank (the GPAS gates separately when model.gpas.gate_grad_clip
+        is set); returns the norm before clipping."""
         gate_clip = self.cfg.model.gpas.gate_grad_clip
-        gate_ids = {id(g) for g in self.gates} if gate_clip else set()
-        params = [p for p in self.model.parameters() if p.grad is not None and id(p) not in gate_ids]
-        if gate_ids:
-            torch.nn.utils.clip_grad_norm_([g for g in self.gates if g.grad is not None], gate_clip)
-        if self.cfg.train.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        is_gate = lambda p: p in self.gates  # noqa: E731
+        if gate_clip:
+            gate_norm = self.grads.grad_norm(is_gate)
+            if gate_norm > gate_clip:
+                self.grads.scale(gate_clip / (gate_norm + 1e-6), is_gate)
+        others = (lambda p: p not in self.gates) if gate_clip else (lambda p: True)
+        norm = self.grads.grad_norm(others)
+        clip = self.cfg.train.grad_clip
+        if clip > 0 and norm > clip:
+            self.grads.scale(clip / (norm + 1e-6), others)
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss on the fixed batches of each validation set (a source's held-out documents, or data.validation)."""
         self.model.eval()
-        t = self.cfg.train
+        t, tp = self.cfg.train, self.topology
         by_source = {}
         for stream in self.data.validation:
-            losses = []
+            total, count = torch.zeros((), device=self.device), 0
             for tokens in eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
-                                       self.topology.dp_rank, self.topology.dp):
+                                       tp.dp_rank, tp.dp):
                 self.check_token_range([tokens])
-                tokens = tokens.to(self.device)
-                with self.autocast():
-                    logits = self.model(tokens[:, :-1])
-                losses.append(float(next_token_loss(logits, tokens[:, 1:])))
-            by_source[stream.name] = sum(losses) / len(losses)
+                total += self.forward_loss(tokens)
+                count += 1
+            by_source[stream.name] = float(distributed.mean_over(total / count, tp.dp_cp_group, tp.dp * tp.cp))
         self.model.train()
         return by_source
 
@@ -210,11 +249,12 @@ class Trainer:
         meta = {
             "consumed_samples": self.loader.consumed_samples,
             "model_signature": model_signature(self.cfg),
+            "data_signature": data_signature(self.cfg),
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
         }
         path = checkpoint.save(
-            self.ckpt_dir, self.step, self.model, self.optimizer, meta, self.cfg.checkpoint.keep_last, self.topology.rank
+            self.ckpt_dir, self.step, self.model, self.optimizer, self.topology, meta, self.cfg.checkpoint.keep_last
         )
         self.last_saved = self.step
         if self.is_main:
@@ -232,6 +272,9 @@ class Trainer:
             f"batch: {t.global_batch_size} sequences = {self.tokens_per_step:,} tokens per step, "
             f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
             f"precision {self.cfg.precision.dtype}",
+            f"layout: {self.topology.world_size} rank(s), TP{self.topology.tp} x CP{self.topology.cp} x "
+            f"DP{self.topology.dp}" + (" with sequence parallelism" if self.topology.sequence_parallel else "")
+            + (", distributed optimizer" if self.cfg.optimizer.distributed else ""),
         ]
         if not self.data.validation and self.cfg.eval.interval:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")

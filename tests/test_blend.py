@@ -168,3 +168,49 @@ def test_empty_documents_are_skipped_by_the_samples(tmp_path):
     samples = [streams[i] for i in range(len(streams))]
     assert all(len(s) == 9 for s in samples)
     assert all(1 <= t < 31 for s in samples for t in s)
+
+
+def unique_token_source(tmp_path, name, lengths):
+    """A dataset whose every token is distinct (token = its position in the file), so samples show overlaps."""
+    prefix = str(tmp_path / name)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    write_indexed_dataset(prefix, [np.arange(a, b) + 1 for a, b in zip(starts[:-1], starts[1:])], np.int32)
+    return prefix
+
+
+def test_no_document_repeats_before_its_epoch_is_done(tmp_path):
+    prefix = unique_token_source(tmp_path, "u", [13, 7, 29, 5, 17, 11] * 5)
+    plan = make_plan({"u": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 16, 8, 8, 100_000)
+    streams = TrainingStreams(plan, 3, ByteTokenizer(), 0)
+    per_epoch = streams.train[0].prefixes[0].samples_per_epoch
+    assert per_epoch == len(streams.train[0].prefixes[0].epoch(0)) == (sum([13, 7, 29, 5, 17, 11] * 5) - 1) // 8
+    assert len(streams) > 2 * per_epoch  # the run reads the source more than twice
+    for epoch in range(2):
+        seen = np.concatenate([streams[i][:-1] for i in range(epoch * per_epoch, (epoch + 1) * per_epoch)])
+        assert len(np.unique(seen)) == len(seen)  # every token at most once inside an epoch
+    assert plan.source_epochs(np.array([per_epoch]))[0] == 1.0
+    assert plan.source_epochs(np.array([per_epoch + 1]))[0] > 1.0
+
+
+def test_rewriting_a_dataset_in_place_never_reuses_stale_indices(tmp_path):
+    prefix = unique_token_source(tmp_path, "w", [9] * 40)
+    first = TrainingStreams(make_plan({"w": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 2, 4, 8, 100_000),
+                            1, ByteTokenizer(), 0)
+    assert first[0].max() <= 360
+    unique_token_source(tmp_path, "w", [33] * 40)  # same prefix, other content
+    again = TrainingStreams(make_plan({"w": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 2, 4, 8, 100_000),
+                            1, ByteTokenizer(), 0)
+    assert len(again[0]) == 9 and again.train[0].prefixes[0].samples_per_epoch == (33 * 40 - 1) // 8
+
+
+def test_small_prefixes_without_held_out_samples(tmp_path, sources):
+    tiny = unique_token_source(tmp_path, "tiny", [5, 5])
+    mixed = {"m": SourceConfig(prefixes=sources["a"].prefixes + [tiny])}
+    plan = make_plan(mixed, [], {}, (0.5, 0.5), 4, 4, 8, 258)  # tiny: 5 training tokens, no whole sample
+    assert plan.sources[0].weights[1] == 0 and plan.validation[0].weights[1] == 0
+    TrainingStreams(plan, 1, ByteTokenizer(), eval_samples=8)[0]
+    weighted = {"m": SourceConfig(prefixes=sources["a"].prefixes + [tiny], weights=[1, 1])}
+    with pytest.raises(DatasetError, match="tiny has 5 training tokens, too few for one sample"):
+        make_plan(weighted, [], {}, (0.5, 0.5), 4, 4, 8, 258)
+    with pytest.raises(DatasetError, match="data.sources.t has no training documents long enough"):
+        make_plan({"t": SourceConfig(prefixes=[tiny])}, [], {}, (0.5, 0.5), 4, 4, 8, 258)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from pretrain.config import Config, ConfigError, load_config
@@ -48,8 +50,8 @@ def test_name_and_type_errors(override, message):
         (["data.split=98"], "data.split='98'"),
         (["model.moe.num_experts=8"], "mixture-of-experts"),
         (["parallel.tensor=3"], "does not divide the world size 1"),
-        (["parallel.expert=4"], "parallel.expert_tensor x parallel.expert x parallel.pipeline = 4"),
-        (["parallel.order=tp-dp-pp"], "parallel.order='tp-dp-pp': must name each of"),
+        (["parallel.expert=4"], "parallel.expert_tensor x parallel.expert x parallel.pipeline = 1 x 4 x 1 = 4"),
+        (["parallel.order=tp-dp-pp"], "parallel.order='tp-dp-pp': name each of tp, cp, ep, dp, pp once"),
         (["parallel.virtual_pipeline=0"], "parallel.virtual_pipeline=0"),
         (["optimizer.lr=.nan"], "optimizer.lr=nan: must be a positive number"),
         (["model.init_std=.inf"], "model.init_std=inf"),
@@ -66,6 +68,22 @@ def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.iters=0", "optimizer.lr=-1"]).validate()
     assert "train.iters" in str(err.value) and "optimizer.lr" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "world, overrides, message",
+    [
+        (8, ["parallel.tensor=3"], "3 x 1 x 1 = 3 does not divide the world size 8"),
+        (8, ["parallel.tensor=8", "model.num_query_groups=4"], "model.num_attention_heads=4 is not divisible by parallel.tensor=8"),
+        (4, ["parallel.tensor=4", "model.num_query_groups=2"], "model.num_query_groups=2 is not divisible by parallel.tensor=4"),
+        (8, ["parallel.tensor=2", "parallel.context=2", "model.seq_length=100"], "2 x parallel.context x parallel.tensor = 8"),
+        (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=101"], "(sequence parallelism)"),
+        (2, ["parallel.pipeline=2"], "pipeline parallelism is not available yet"),
+    ],
+)
+def test_impossible_layouts_name_the_fields(world, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides + ["train.global_batch_size=64"]).validate(world_size=world)
 
 
 def test_global_batch_checked_against_data_parallel_size():

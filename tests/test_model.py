@@ -24,7 +24,7 @@ def small(**kw) -> ModelConfig:
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> GPT:
-    model = GPT(cfg, VOCAB, Topology.build(1, 0))
+    model = GPT(cfg, VOCAB, Topology.single())
     model.init_parameters(seed)
     return model
 
@@ -72,7 +72,7 @@ def test_query_head_h_attends_with_key_value_group_h_over_heads_per_group():
         scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
         outputs.append(scores.softmax(-1) @ v)
     expected = attn.out(torch.cat(outputs, dim=-1))
-    torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x, cos, sin, pos), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tied_embeddings_share_the_table():
@@ -106,11 +106,11 @@ def test_layernorm_and_gelu_options():
     assert torch.isfinite(model(torch.zeros(1, 16, dtype=torch.long))).all()
 
 
-def test_take_shard_with_stride_keeps_matching_halves():
-    full = torch.arange(8.0).view(8, 1)  # [gate rows 0-3; up rows 4-7]
-    shards = [take_shard(full, 0, 2, r, 2) for r in range(2)]
-    assert shards[0].flatten().tolist() == [0, 1, 4, 5]
-    assert shards[1].flatten().tolist() == [2, 3, 6, 7]
+def test_take_shard_splits_along_the_partition_dimension():
+    full = torch.arange(12.0).view(4, 3)
+    assert torch.equal(torch.cat([take_shard(full, 0, r, 2) for r in range(2)]), full)
+    assert torch.equal(torch.cat([take_shard(full, 1, r, 3) for r in range(3)], dim=1), full)
+    assert take_shard(full, None, 1, 2) is full
 
 
 # ---------------------------------------------------------------- GPAS
@@ -154,8 +154,9 @@ def test_gpas_gates_scale_both_residual_sites_of_a_layer():
     x = torch.randn(1, 16, 32)
     from pretrain.model.gpt import rotary_cos_sin
 
-    cos, sin = rotary_cos_sin(torch.arange(16).expand(1, 16), 8, 10000.0)
-    h = (x + layer.attention(layer.attn_norm(x), cos, sin)) * scale
+    pos = torch.arange(16).expand(1, 16)
+    cos, sin = rotary_cos_sin(pos, 8, 10000.0)
+    h = (x + layer.attention(layer.attn_norm(x), cos, sin, pos)) * scale
     expected = (h + layer.mlp(layer.mlp_norm(h))) * scale
-    torch.testing.assert_close(layer(x, cos, sin), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x, cos, sin, pos), expected, rtol=1e-5, atol=1e-6)
     assert model.gpas_scales()[0] < 1.0 and model.gpas_scales()[1] == 1.0

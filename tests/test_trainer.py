@@ -227,3 +227,10 @@ def test_resume_inside_the_second_phase_is_exact(tmp_path, tiny_corpus):
     train(rest)
     keys = ("step", "loss", "grad_norm", "phase", "tokens_by_source", "val_loss")
     assert [[r.get(k) for k in keys] for r in read_metrics(rest)] == [[r.get(k) for k in keys] for r in read_metrics(full)]
+
+
+def test_resume_with_other_data_settings_is_refused(tmp_path, tiny_corpus):
+    train(tiny_config(tmp_path, tiny_corpus, "train.iters=3"))
+    with pytest.raises(CheckpointError, match="other data settings"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6", "run.seed=99"))
+    Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))  # one phase: a longer run reads the same stream

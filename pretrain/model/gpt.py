@@ -5,8 +5,9 @@ token embedding -> N x [norm -> attention -> add (-> GPAS) -> norm -> MLP -> add
 
 Attention is grouped-query with rotary position embeddings and causal
 `scaled_dot_product_attention`; the MLP is SwiGLU (GELU as an option). The fused
-query/key/value weight is laid out query group by query group, and the SwiGLU weight
-as [gate; up], so tensor parallelism splits both into whole heads and matching halves.
+query/key/value weight is laid out query group by query group, so tensor parallelism
+splits it into whole heads. Under context parallelism a rank holds two chunks of each
+sequence and `positions` says where they are; attention then sees the whole sequence.
 """
 
 from __future__ import annotations
@@ -18,20 +19,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_normal_
+from parallel import context_parallel
+from parallel.tensor_parallel import (
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_,
+)
 from parallel.topology import Topology
 from pretrain.config import ModelConfig
 from pretrain.model.gpas import GPASGate
 
 
+def mark_sequence_parallel(module: nn.Module, topology: Topology) -> None:
+    """Under sequence parallelism these replicated weights see only this rank's tokens: their gradients
+    are summed over TP by the gradient synchronisation."""
+    for param in module.parameters():
+        param.sequence_parallel = topology.sequence_parallel
+
+
 class Norm(nn.Module):
     """RMSNorm or LayerNorm over the hidden dimension."""
 
-    def __init__(self, size: int, kind: str, eps: float):
+    def __init__(self, size: int, kind: str, eps: float, topology: Topology):
         super().__init__()
         self.kind, self.eps = kind, eps
         self.weight = nn.Parameter(torch.ones(size))
         self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" else None
+        mark_sequence_parallel(self, topology)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -60,49 +72,53 @@ class Attention(nn.Module):
         self.local_groups = cfg.query_groups // topology.tp
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
         qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * self.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology)
-        self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology)
+        self.cp_group = topology.cp_group
+        sp = topology.sequence_parallel
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology, sp)
+        self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology, sp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.local_groups, self.heads_per_group + 2, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # [b, s, local heads and groups]: the whole local sequence, also under SP
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.local_groups, self.heads_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.heads_per_group].reshape(b, s, -1, self.head_dim).transpose(1, 2)
         k = qkv[:, :, :, -2].transpose(1, 2)
         v = qkv[:, :, :, -1].transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads_per_group > 1)
+        y = context_parallel.attention(q, k, v, positions, self.cp_group, enable_gqa=self.heads_per_group > 1)
         return self.out(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, topology: Topology):
         super().__init__()
-        self.swiglu = cfg.activation == "swiglu"
-        width = 2 * cfg.ffn_size if self.swiglu else cfg.ffn_size
-        self.up = ColumnParallelLinear(cfg.hidden_size, width, topology, stride=2 if self.swiglu else 1)
-        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, topology)
+        sp = topology.sequence_parallel
+        self.gate = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, topology, sp) if cfg.activation == "swiglu" else None
+        self.up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, topology, sp)
+        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, topology, sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        x = enter_tensor_parallel(x, self.up.topology, self.up.sequence_parallel)  # once for gate and up
+        if self.gate is not None:
+            h = F.silu(self.gate(x, entered=True)) * self.up(x, entered=True)
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(self.up(x, entered=True), approximate="tanh")
         return self.down(h)
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, topology: Topology):
         super().__init__()
-        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
         self.attention = Attention(cfg, topology)
-        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
         self.mlp = MLP(cfg, topology)
         self.gpas = GPASGate() if cfg.gpas.enabled else None
+        if self.gpas is not None:
+            mark_sequence_parallel(self.gpas, topology)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), cos, sin, positions)
         if self.gpas is not None:
             x = self.gpas(x)
         x = x + self.mlp(self.mlp_norm(x))
@@ -116,23 +132,27 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology)
+        sp = topology.sequence_parallel
+        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp)
         self.layers = nn.ModuleList(TransformerLayer(cfg, topology) for _ in range(cfg.num_layers))
-        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, vocab_size, topology)
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
+        self.output = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, vocab_size, topology, sp)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [batch, seq] -> logits [batch, seq, vocab / TP] (this rank's vocabulary slice)."""
+        """Token ids [batch, seq] -> logits [batch, seq, vocab / TP] (this rank's vocabulary slice).
+
+        `positions` [batch, seq]: the global positions of the tokens (context parallelism holds
+        chunks of each sequence); by default 0..seq-1."""
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
         x = self.embedding(ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, positions)
         x = self.final_norm(x)
         if self.output is not None:
             return self.output(x)
-        return F.linear(x, self.embedding.weight)
+        return F.linear(enter_tensor_parallel(x, self.topology, self.topology.sequence_parallel), self.embedding.weight)
 
     def gpas_scales(self) -> list[float]:
         return [layer.gpas.scale() for layer in self.layers if layer.gpas is not None]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from parallel.tensor_parallel import vocab_parallel_cross_entropy
+from parallel.topology import Topology
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits [batch, seq, vocab], labels [batch, seq] -> mean loss over all tokens, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, topology: Topology) -> torch.Tensor:
+    """logits [batch, seq, vocab / TP] (this rank's vocabulary slice), labels [batch, seq] -> mean loss over
+    this rank's tokens, in fp32. Full-vocabulary logits are never gathered."""
+    return vocab_parallel_cross_entropy(logits, labels, topology).mean()

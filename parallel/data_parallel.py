@@ -1,0 +1,231 @@
+"""Data parallelism: gradient buckets reduced while the backward pass runs, and the optimizers over them.
+
+Gradients accumulate into one contiguous fp32 buffer (`param.main_grad` views), split into
+buckets in backward order. On the last micro-batch of a step, a bucket is reduced over the
+data x context-parallel group as soon as its last gradient arrives, overlapping with the
+rest of the backward pass: an all-reduce for the plain optimizer, a reduce-scatter for
+the distributed one. Every replica's loss is a mean over its own tokens, so the bucket is
+scaled by 1 / (DP * CP) first: the sum is then the mean over the global batch. Weights
+marked `sequence_parallel` (norms, GPAS gates under SP) saw only this rank's tokens and
+are summed over TP afterwards.
+
+The distributed optimizer (ZeRO-1) keeps the parameters in a flat buffer laid out like the
+gradients; rank r of the DP x CP group owns the r-th slice of every bucket, steps AdamW on
+that slice only (so Adam states are sharded), and all-gathers the updated parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from parallel.collectives import group_size
+
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class Bucket:
+    params: list
+    start: int  # range in the flat buffers, padded to a multiple of the group size
+    end: int
+    pending: int = 0
+    handle: object = None
+    launched: bool = False
+    ranges: dict = field(default_factory=dict)  # param -> (start, end) in the flat buffers
+
+
+class GradBuffer:
+    """Contiguous gradient buffer in buckets; reduces each bucket over DP x CP as soon as it is complete."""
+
+    def __init__(self, model: torch.nn.Module, topology, bucket_mb: float = 25.0, shard: bool = False):
+        self.topology, self.shard = topology, shard
+        self.group = topology.dp_cp_group
+        self.size = group_size(self.group)
+        self.rank = topology.coords["dp_cp"]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        device = self.params[0].device
+        self.buckets, start, current = [], 0, []
+        limit = int(bucket_mb * 2**20 / 4)
+        for p in reversed(self.params):  # roughly the order in which backward produces gradients
+            current.append(p)
+            if sum(q.numel() for q in current) >= limit:
+                start = self._close(current, start)
+                current = []
+        if current:
+            start = self._close(current, start)
+        self.grad = torch.zeros(start, dtype=torch.float32, device=device)
+        self.grad_shard = torch.zeros(start // self.size, dtype=torch.float32, device=device) if shard else None
+        self.bucket_of = {}
+        for bucket in self.buckets:
+            for p in bucket.params:
+                a, b = bucket.ranges[p]
+                p.main_grad = self.grad[a:b].view_as(p)
+                self.bucket_of[p] = bucket
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        self.sync_now = True
+        self.sequence_parallel = [p for p in self.params if getattr(p, "sequence_parallel", False)]
+
+    def _close(self, params: list, start: int) -> int:
+        bucket = Bucket(params, start, start)
+        offset = start
+        for p in params:
+            bucket.ranges[p] = (offset, offset + p.numel())
+            offset += p.numel()
+        bucket.end = start + math.ceil((offset - start) / self.size) * self.size if self.shard else offset
+        self.buckets.append(bucket)
+        return bucket.end
+
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """This rank's slice of a bucket, in flat-buffer coordinates."""
+        chunk = (bucket.end - bucket.start) // self.size
+        return bucket.start + self.rank * chunk, bucket.start + (self.rank + 1) * chunk
+
+    # ------------------------------------------------------------------ during backward
+
+    def start_micro_batch(self, last: bool) -> None:
+        """Reduce during this backward pass only when it is the step's last micro-batch."""
+        self.sync_now = last
+        if last:
+            for bucket in self.buckets:
+                bucket.pending, bucket.launched = len(bucket.params), False
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        p.main_grad.add_(p.grad)
+        p.grad = None
+        if self.sync_now:
+            bucket = self.bucket_of[p]
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.launched = True
+        if self.size == 1:
+            return
+        data = self.grad[bucket.start:bucket.end]
+        data.mul_(1.0 / self.size)
+        if self.shard:
+            bucket.handle = _reduce_scatter_single(self._shard_view(bucket), data, group=self.group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(data, group=self.group, async_op=True)
+
+    def _shard_view(self, bucket: Bucket) -> torch.Tensor:
+        chunk = (bucket.end - bucket.start) // self.size
+        first = bucket.start // self.size
+        return self.grad_shard[first:first + chunk]
+
+    def finish(self) -> None:
+        """Complete the reduction: buckets never completed (unused parameters) go now, in bucket order;
+        then sequence-parallel weights are summed over TP."""
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+        if self.shard and self.size == 1:
+            self.grad_shard.copy_(self.grad)
+        if self.sequence_parallel and group_size(self.topology.tp_group) > 1:
+            views = [v for _, v in self.owned(lambda p: getattr(p, "sequence_parallel", False))]
+            if views:
+                flat = torch.cat([v.flatten() for v in views])
+                dist.all_reduce(flat, group=self.topology.tp_group)
+                offset = 0
+                for v in views:
+                    v.copy_(flat[offset:offset + v.numel()].view_as(v))
+                    offset += v.numel()
+
+    def zero(self) -> None:
+        self.grad.zero_()
+        if self.grad_shard is not None:
+            self.grad_shard.zero_()
+
+    # ------------------------------------------------------------------ after the reduction
+
+    def owned_ranges(self, select=lambda p: True) -> list[tuple[torch.nn.Parameter, int, int]]:
+        """(param, start, end): the flat-buffer ranges of the reduced gradients this rank holds, whole
+        parameters without sharding, else the parts of parameters inside this rank's slices."""
+        out = []
+        for bucket in self.buckets:
+            lo, hi = self.shard_range(bucket) if self.shard else (bucket.start, bucket.end)
+            for p in bucket.params:
+                a, b = bucket.ranges[p]
+                a, b = max(a, lo), min(b, hi)
+                if a < b and select(p):
+                    out.append((p, a, b))
+        return out
+
+    def reduced_grad(self, p: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
+        """The reduced gradient of flat range [start, end) (inside one of this rank's slices)."""
+        if not self.shard:
+            return self.grad[start:end]
+        bucket = self.bucket_of[p]
+        lo, _ = self.shard_range(bucket)
+        return self._shard_view(bucket)[start - lo:end - lo]
+
+    def owned(self, select=lambda p: True) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        return [(p, self.reduced_grad(p, a, b)) for p, a, b in self.owned_ranges(select)]
+
+    def grad_norm(self, select=lambda p: True) -> float:
+        """Global L2 norm of the selected gradients, each element counted once over the whole world:
+        TP-replicated weights only on TP rank 0, unsharded gradients only on DP x CP rank 0."""
+        tp_rank = self.topology.tp_rank
+        total = torch.zeros((), dtype=torch.float64, device=self.grad.device)
+        if self.shard or self.rank == 0:
+            for p, g in self.owned(select):
+                if getattr(p, "partition_dim", None) is not None or tp_rank == 0:
+                    total += g.double().pow(2).sum()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return float(total.sqrt())
+
+    def scale(self, coefficient: float, select=lambda p: True) -> None:
+        for _, g in self.owned(select):
+            g.mul_(coefficient)
+
+
+class DistributedAdamW:
+    """ZeRO-1 AdamW: this rank steps its slice of every bucket (so Adam states are sharded over DP x CP),
+    then the updated slices are all-gathered into the flat parameter buffer the model's weights view."""
+
+    def __init__(self, buffer: GradBuffer, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 fused: bool):
+        self.buffer = buffer
+        self.params = torch.zeros_like(buffer.grad)  # laid out like the gradients
+        self.pieces = []  # (owning param, fp32 master slice, reduced-gradient slice)
+        for bucket in buffer.buckets:
+            for p in bucket.params:
+                a, b = bucket.ranges[p]
+                self.params[a:b].copy_(p.detach().flatten())
+                p.data = self.params[a:b].view_as(p)
+        for p, a, b in buffer.owned_ranges():
+            self.pieces.append((p, self.params[a:b], buffer.reduced_grad(p, a, b)))
+        groups = [
+            {"params": [m for p, m, _ in self.pieces if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [m for p, m, _ in self.pieces if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]] or [{"params": [torch.zeros(0)], "weight_decay": 0.0}]
+        self.inner = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        self.param_groups = self.inner.param_groups
+
+    def step(self) -> None:
+        for _, master, grad in self.pieces:
+            master.grad = grad
+        self.inner.step()
+        buffer = self.buffer
+        for bucket in buffer.buckets:
+            if buffer.size == 1:
+                continue
+            lo, hi = buffer.shard_range(bucket)
+            dist.all_gather_into_tensor(self.params[bucket.start:bucket.end], self.params[lo:hi].clone(), group=buffer.group)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

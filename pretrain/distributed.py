@@ -1,0 +1,83 @@
+"""Starting the process group and the few rank-wide operations the training loop needs.
+
+torchrun (or Slurm through launch/slurm.sbatch) sets WORLD_SIZE, RANK and LOCAL_RANK; one
+process per device. The backend follows the device (NCCL on GPUs, gloo on the CPU) unless
+`parallel.backend` says otherwise, and every collective times out after
+`parallel.timeout_minutes`, so a hang ends with an error naming the rank instead of a silent stall.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config, ConfigError
+
+T = TypeVar("T")
+
+
+def world_from_env() -> tuple[int, int]:
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available: use run.device=auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(choice)
+
+
+def setup(cfg: Config, world_size: int, rank: int) -> torch.device:
+    """The device of this rank; starts the process group when there is more than one rank."""
+    device = resolve_device(cfg.run.device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg.parallel.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=cfg.parallel.timeout_minutes),
+        )
+    return device
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rank0_first(build: Callable[[], T]) -> T:
+    """Run `build` on rank 0, then on the others: caches it writes (corpora, sample indices) are then
+    read, never written twice or read half-written."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return build()
+    if dist.get_rank() == 0:
+        result = build()
+        dist.barrier()
+    else:
+        dist.barrier()
+        result = build()
+    return result
+
+
+def mean_over(value: torch.Tensor, group, size: int) -> torch.Tensor:
+    """The mean of `value` over a group (a copy when the group has one rank)."""
+    value = value.detach().clone()
+    if size > 1:
+        dist.all_reduce(value, group=group)
+        value /= size
+    return value
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
