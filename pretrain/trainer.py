@@ -170,6 +170,31 @@ class Trainer:
         lr = learning_rate(step, self.cfg.train.iters, self.cfg.optimizer, self.cfg.scheduler)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        loss_value = self.forward_backward()
+        if not math.isfinite(loss_value):
+            raise NonFiniteError(
+                f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
+                "or set train.grad_clip; no weights were updated and no checkpoint was written"
+            )
+        grad_norm = self.clip_gradients()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(
+                f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
+                "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
+            )
+        plain = not isinstance(self.optimizer, DistributedAdamW)
+        if plain:
+            for p in self.model.parameters():
+                p.grad = p.main_grad
+        self.optimizer.step()
+        if plain:  # autograd must not accumulate into the gradient buffer behind the hooks' back
+            for p in self.model.parameters():
+                p.grad = None
+        self.step = step
+        return loss_value, grad_norm
+
+    def forward_backward(self) -> float:
+        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss."""
         self.grads.zero()
         consumed = self.loader.consumed_samples
         micro_batches = self.loader.next_step()
@@ -182,24 +207,7 @@ class Trainer:
             loss.backward()
             total += loss.detach()
         self.grads.finish()
-        loss_value = float(distributed.mean_over(total, self.topology.dp_cp_group, self.topology.dp * self.topology.cp))
-        if not math.isfinite(loss_value):
-            raise NonFiniteError(
-                f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
-                "or set train.grad_clip; no weights were updated and no checkpoint was written"
-            )
-        grad_norm = self.clip_gradients()
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(
-                f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
-                "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
-            )
-        if not isinstance(self.optimizer, DistributedAdamW):
-            for p in self.model.parameters():
-                p.grad = p.main_grad
-        self.optimizer.step()
-        self.step = step
-        return loss_value, grad_norm
+        return float(distributed.mean_over(total, self.topology.dp_cp_group, self.topology.dp * self.topology.cp))
 
     def check_token_range(self, micro_batches: list[torch.Tensor]) -> None:
         """Ids outside the vocabulary mean data made with another tokenizer; say so instead of crashing the kernel."""
