@@ -211,7 +211,10 @@ class DistributedAdamW:
         ]
         groups = [g for g in groups if g["params"]] or [{"params": [torch.zeros(0)], "weight_decay": 0.0}]
         self.inner = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-        self.param_groups = self.inner.param_groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups  # a property: loading a state dict replaces the inner list
 
     def step(self) -> None:
         for _, master, grad in self.pieces:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 
@@ -22,7 +23,8 @@ def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        results.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle: tensors travel by value, not as shared memory that dies with this process
+        results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # reported to the parent, which fails the test with the rank's traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -44,7 +46,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
             rank, status, value = results.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

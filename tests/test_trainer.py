@@ -38,9 +38,9 @@ def test_same_seed_same_losses(tmp_path, tiny_corpus):
     assert [r["loss"] for r in read_metrics(a)] == [r["loss"] for r in read_metrics(b)]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, precision):
-    extra = (f"precision.dtype={precision}", "model.gpas.enabled=true")
+@pytest.mark.parametrize("precision, distributed", [("fp32", "false"), ("bf16", "false"), ("fp32", "true")])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, precision, distributed):
+    extra = (f"precision.dtype={precision}", "model.gpas.enabled=true", f"optimizer.distributed={distributed}")
     full = tiny_config(tmp_path / "full", tiny_corpus, *extra)
     train(full)
     part = tiny_config(tmp_path / "part", tiny_corpus, *extra, "train.stop_at_step=3", "checkpoint.interval=0")

@@ -1,0 +1,129 @@
+"""The engine's other promises on several gloo ranks: the global gradient norm, the sharded optimizer step,
+the communication volume of a step, and checkpoints of a parallel run."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from multirank import run_ranks
+from pretrain.checkpoint import CheckpointError
+from pretrain.trainer import Trainer, train
+from test_parallel_equivalence import layout_config
+
+TP2_CP2_DP2 = ["parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true"]
+
+
+def norm_of_ones(rank, world, cfg):
+    trainer = Trainer(cfg, world, rank)
+    trainer.grads.grad.fill_(1.0)
+    if trainer.grads.shard:
+        trainer.grads.grad_shard.fill_(1.0)
+    return trainer.grads.grad_norm(), trainer.model.num_parameters()
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_gradient_norm_counts_every_parameter_once(tmp_path, tiny_corpus, distributed):
+    cfg = layout_config(tmp_path, tiny_corpus, *TP2_CP2_DP2, "model.gpas.enabled=true",
+                        f"optimizer.distributed={str(distributed).lower()}")
+    for norm, count in run_ranks(8, norm_of_ones, cfg):
+        assert math.isclose(norm, math.sqrt(count), rel_tol=1e-12)
+
+
+def params_after_one_step(rank, world, cfg):
+    trainer = Trainer(cfg, world, rank)
+    trainer.train_step()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_distributed_optimizer_step_equals_plain_adamw(tmp_path, tiny_corpus):
+    plain = run_ranks(2, params_after_one_step, layout_config(tmp_path / "plain", tiny_corpus))
+    sharded = run_ranks(2, params_after_one_step, layout_config(tmp_path / "sharded", tiny_corpus,
+                                                               "optimizer.distributed=true"))
+    for name, value in plain[0].items():
+        torch.testing.assert_close(sharded[0][name], value, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(sharded[1][name], value, rtol=1e-6, atol=1e-8)  # every rank has all of it
+
+
+def count_collectives(rank, world, cfg):
+    """Bytes each kind of collective takes in on this rank during one step's forward and backward passes."""
+    trainer = Trainer(cfg, world, rank)
+    moved = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+
+    def counting(name, fn, position):
+        def wrapped(*args, **kwargs):
+            moved[name] += args[position].numel() * args[position].element_size()
+            return fn(*args, **kwargs)
+        return wrapped
+
+    import parallel.collectives as coll
+    import parallel.data_parallel as data_parallel
+
+    originals = (dist.all_reduce, dist.all_gather_into_tensor, coll._reduce_scatter_single)
+    try:
+        dist.all_reduce = counting("all_reduce", originals[0], 0)
+        dist.all_gather_into_tensor = counting("all_gather", originals[1], 1)
+        coll._reduce_scatter_single = data_parallel._reduce_scatter_single = counting("reduce_scatter", originals[2], 1)
+        trainer.forward_backward()
+    finally:
+        dist.all_reduce, dist.all_gather_into_tensor, coll._reduce_scatter_single = originals
+        data_parallel._reduce_scatter_single = originals[2]
+    return moved, sum(p.numel() for p in trainer.model.parameters())
+
+
+def test_communication_volume_of_a_step_is_the_analytic_one(tmp_path, tiny_corpus):
+    """TP2 x CP2 x DP2 with SP: the bytes each rank puts into collectives in one step equal the formula,
+    so no activation is gathered twice and no gradient reduced twice."""
+    cfg = layout_config(tmp_path, tiny_corpus, *TP2_CP2_DP2)
+    (moved, local_params), *_ = run_ranks(8, count_collectives, cfg)
+    m, f32, i64 = cfg.model, 4, 8
+    micro, b = 2, 2  # micro-batches per rank per step (8 sequences / DP2 / micro-batch 2), sequences in each
+    h, layers = m.hidden_size, m.num_layers
+    s_cp = m.seq_length // 2  # tokens of a sequence on a CP rank
+    s_sp = s_cp // 2  # ... on one TP rank of it, between layers (sequence parallelism)
+    kv = (m.query_groups // 2) * (h // m.num_attention_heads)  # key (or value) width on a TP rank
+    sp_gathers = 2 * layers + 1  # attention and MLP inputs of each layer, the output layer's input
+    sp_scatters = 2 * layers + 1  # the embedding, attention-out and MLP-down outputs
+    gather = (sp_gathers * b * s_sp * h  # forward: SP all-gathers
+              + layers * 2 * b * s_cp * kv  # forward: CP all-gathers of keys and values
+              + sp_scatters * b * s_sp * h) * f32  # backward of each reduce-scatter
+    gather += layers * s_cp * i64  # the positions of the gathered keys, once per layer
+    scatter = (sp_scatters * b * s_cp * h  # forward: SP reduce-scatters
+               + sp_gathers * b * s_cp * h  # backward of each SP all-gather
+               + layers * 2 * b * 2 * s_cp * kv) * f32  # backward of the CP key/value gathers
+    reduce = (micro * 3 * b * s_cp  # vocab-parallel loss: max, then (target logit, sum of exp) per token
+              + local_params  # the gradient buckets over DP x CP, once per step
+              + (2 * layers + 1) * h  # sequence-parallel norm weights over TP
+              + 1) * f32  # the reported loss
+    assert moved == {"all_gather": micro * gather, "reduce_scatter": micro * scatter, "all_reduce": reduce}
+
+
+def train_and_report(rank, world, cfg):
+    return train(cfg, world, rank)
+
+
+def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path, tiny_corpus):
+    layout = TP2_CP2_DP2[:2] + ["optimizer.distributed=true"]
+    extra = ("train.iters=6", "logging.interval=1", "eval.interval=3", "eval.iters=1")
+    full = layout_config(tmp_path / "full", tiny_corpus, *layout, *extra)
+    run_ranks(8, train_and_report, full)
+    part = layout_config(tmp_path / "part", tiny_corpus, *layout, *extra, "train.stop_at_step=3")
+    run_ranks(8, train_and_report, part)
+    saved = os.listdir(os.path.join(part.checkpoint_dir, "step_00000003"))
+    assert sum(n.startswith("rng_rank") for n in saved) == 8
+    run_ranks(8, train_and_report, layout_config(tmp_path / "part", tiny_corpus, *layout, *extra))
+
+    def records(cfg):
+        import json
+
+        with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
+            return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in map(json.loads, f)]
+
+    assert records(part) == records(full)  # bitwise: the same ranks add the same numbers in the same order
+    other = layout_config(tmp_path / "part", tiny_corpus, "parallel.tensor=2", *extra, "train.iters=9")
+    with pytest.raises(AssertionError, match="parallel layout"):
+        run_ranks(4, train_and_report, other)
+    with pytest.raises(CheckpointError, match="parallel layout"):
+        Trainer(layout_config(tmp_path / "part", tiny_corpus, *extra, "train.iters=9"))
