@@ -73,3 +73,31 @@ def test_a_short_run_end_to_end(tmp_path, tiny_corpus):
     assert result.returncode == 0, result.stderr
     assert "step 2/2" in result.stdout and "done in" in result.stdout
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json")
+
+
+def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):
+    """The real launcher: 4 ranks (TP2 x DP2, distributed optimizer) under torchrun write the losses of one rank."""
+    import json
+    import shutil
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    args = tiny_args(tmp_path, tiny_corpus) + ["train.iters=4", "train.global_batch_size=4", "logging.interval=1",
+                                               "model.num_attention_heads=4", "model.num_query_groups=2"]
+    single = run(*args, f"run.dir={tmp_path}/one")
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "4", "-m", "pretrain", *args, f"run.dir={tmp_path}/four",
+         "parallel.tensor=2", "optimizer.distributed=true"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 4/4") == 1  # only rank 0 prints the console line
+
+    def losses(folder):
+        with open(tmp_path / folder / "metrics.jsonl") as f:
+            return [json.loads(line)["loss"] for line in f]
+
+    assert losses("four") == pytest.approx(losses("one"), rel=1e-5)
