@@ -12,8 +12,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# torch renamed reduce_scatter_tensor; keep working on both sides of the rename
+# torch 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """Sum the flat `x` over the group; rank r receives the r-th slice into `out`."""
+    return _reduce_scatter_single(out, x, group=group, async_op=async_op)
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
@@ -38,7 +43,7 @@ def reduce_scatter_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     size = group_size(group)
     front = x.movedim(dim, 0).contiguous()
     out = torch.empty((front.shape[0] // size,) + front.shape[1:], dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, front, group=group)
+    reduce_scatter_into(out, front, group)
     return out.movedim(0, dim)
 
 

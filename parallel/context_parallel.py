@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from parallel.collectives import all_gather_dim, gather_along, group_size
+from parallel.collectives import gather_along, group_size
 
-SEQ_DIM = -2  # attention tensors are [batch, heads, sequence, head_dim]
+HEAD_SEQ_DIM = -2  # attention tensors are [batch, heads, sequence, head_dim]
 
 
 def chunk_ids(cp_rank: int, cp: int) -> tuple[int, int]:
@@ -38,10 +38,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     q: [b, heads, s_local, d]; k, v: [b, groups, s_local, d]; positions: [b, s_local], the
     global positions of the local tokens (the same for every sequence of the batch).
     """
-    if group_size(cp_group) == 1:
+    cp = group_size(cp_group)
+    if cp == 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-    k = gather_along(k, SEQ_DIM, cp_group)
-    v = gather_along(v, SEQ_DIM, cp_group)
-    key_positions = all_gather_dim(positions[0], 0, cp_group)
-    mask = key_positions[None, :] <= positions[0][:, None]  # [s_local, s_full]: True where a query may look
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+    k = gather_along(k, HEAD_SEQ_DIM, cp_group)
+    v = gather_along(v, HEAD_SEQ_DIM, cp_group)
+    mask = gathered_positions(cp, q.shape[-2] * cp, q.device)[None, :] <= positions[0][:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)  # mask: where a query may look
+
+
+def gathered_positions(cp: int, seq_length: int, device) -> torch.Tensor:
+    """The positions of the keys gathered from the CP ranks, in gathered order (rank 0's two chunks first)."""
+    full = torch.arange(seq_length, device=device)
+    return torch.cat([split_sequence(full, r, cp, dim=0) for r in range(cp)])

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import group_size
-
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from parallel.collectives import group_size, reduce_scatter_into
 
 
 @dataclass
@@ -67,7 +65,6 @@ class GradBuffer:
                 self.bucket_of[p] = bucket
                 p.register_post_accumulate_grad_hook(self._on_grad)
         self.sync_now = True
-        self.sequence_parallel = [p for p in self.params if getattr(p, "sequence_parallel", False)]
 
     def _close(self, params: list, start: int) -> int:
         bucket = Bucket(params, start, start)
@@ -109,7 +106,7 @@ class GradBuffer:
         data = self.grad[bucket.start:bucket.end]
         data.mul_(1.0 / self.size)
         if self.shard:
-            bucket.handle = _reduce_scatter_single(self._shard_view(bucket), data, group=self.group, async_op=True)
+            bucket.handle = reduce_scatter_into(self._shard_view(bucket), data, self.group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(data, group=self.group, async_op=True)
 
@@ -130,7 +127,7 @@ class GradBuffer:
                 bucket.handle = None
         if self.shard and self.size == 1:
             self.grad_shard.copy_(self.grad)
-        if self.sequence_parallel and group_size(self.topology.tp_group) > 1:
+        if group_size(self.topology.tp_group) > 1:
             views = [v for _, v in self.owned(lambda p: getattr(p, "sequence_parallel", False))]
             if views:
                 flat = torch.cat([v.flatten() for v in views])
@@ -189,9 +186,37 @@ class GradBuffer:
             g.mul_(coefficient)
 
 
+class PlainAdamW:
+    """AdamW over the model's weights, stepping on the reduced gradients of the buffer."""
+
+    sharded = False
+
+    def __init__(self, buffer: GradBuffer, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 fused: bool):
+        self.buffer = buffer
+        groups = [
+            {"params": [p for p in buffer.params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in buffer.params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.inner = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def step(self) -> None:
+        for p in self.buffer.params:
+            p.grad = p.main_grad
+        self.inner.step()
+        for p in self.buffer.params:  # autograd must not accumulate into the buffer behind the hooks' back
+            p.grad = None
+
+
 class DistributedAdamW:
     """ZeRO-1 AdamW: this rank steps its slice of every bucket (so Adam states are sharded over DP x CP),
     then the updated slices are all-gathered into the flat parameter buffer the model's weights view."""
+
+    sharded = True
 
     def __init__(self, buffer: GradBuffer, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  fused: bool):
@@ -226,9 +251,3 @@ class DistributedAdamW:
                 continue
             lo, hi = buffer.shard_range(bucket)
             dist.all_gather_into_tensor(self.params[bucket.start:bucket.end], self.params[lo:hi].clone(), group=buffer.group)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from parallel.collectives import copy_to_group, gather_along, group_rank, group_size, reduce_from_group, reduce_scatter_along
 from parallel.topology import Topology
 
-SEQ_DIM = 1  # activations are [batch, sequence, hidden]
+SEQ_DIM = 1  # activations between layers are [batch, sequence, hidden]
 
 
 def mark_partition(param: nn.Parameter, full_shape, dim: int | None) -> nn.Parameter:

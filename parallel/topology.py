@@ -22,7 +22,7 @@ class TopologyError(ValueError):
     """An impossible parallel layout; the message names the fields and a fix."""
 
 
-def masked_rank_groups(world_size: int, sizes: list[int], mask: list[bool]) -> list[list[int]]:
+def masked_rank_groups(sizes: list[int], mask: list[bool]) -> list[list[int]]:
     """The rank groups that vary along the masked axes, one group per combination of the unmasked ones.
 
     `sizes` are the axis sizes in order (fastest first); a rank is the mixed-radix number of its
@@ -54,7 +54,7 @@ class RankGenerator:
     def get_ranks(self, token: str) -> list[list[int]]:
         wanted = set(token.split("-"))
         mask = [axis in wanted for axis in self.order]
-        return masked_rank_groups(self.world_size, [self.sizes[a] for a in self.order], mask)
+        return masked_rank_groups([self.sizes[a] for a in self.order], mask)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,6 @@ class Sizes:
     pp: int = 1
     ep: int = 1
     etp: Optional[int] = None  # null: tp
-    vpp: Optional[int] = None
     order: str = "tp-cp-ep-dp-pp"
     sp: bool = False  # sequence parallelism (takes effect with tp > 1)
 
@@ -139,17 +138,18 @@ class Topology:
     members: dict = field(default_factory=dict)  # name -> the ranks of this rank's group
 
     @classmethod
-    def build(cls, sizes: Sizes, rank: int, create_groups: bool = True) -> "Topology":
+    def build(cls, sizes: Sizes, rank: int, create_groups: bool = True, timeout=None) -> "Topology":
         """This rank's coordinates and groups. With `create_groups`, torch.distributed must be initialised
-        (when the world has more than one rank) and every rank must call this."""
-        groups, members = {}, {}
+        (when the world has more than one rank) and every rank must call this; `timeout` (a timedelta)
+        bounds every collective of the groups."""
+        groups, members, created = {}, {}, {}
         for name, table in group_tables(sizes).items():
             for ranks in table:
-                group = None
-                if create_groups and sizes.world > 1 and len(ranks) > 1:
-                    group = dist.new_group(ranks)
+                key = tuple(ranks)
+                if create_groups and sizes.world > 1 and len(ranks) > 1 and key not in created:
+                    created[key] = dist.new_group(ranks, timeout=timeout)  # views share equal groups
                 if rank in ranks:
-                    groups[name], members[name] = group, ranks
+                    groups[name], members[name] = created.get(key), ranks
         coords = {axis: members[name].index(rank) for axis, name in COORDINATES.items()}
         return cls(sizes, rank, coords, groups, members)
 

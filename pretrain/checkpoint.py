@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
-from parallel.data_parallel import DistributedAdamW
 from pretrain.distributed import barrier
 
 LATEST = "latest"
@@ -59,10 +58,10 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, saving: bool) ->
     state = {}
     if writer:
         state[f"model.tp{t}"] = model.state_dict()
-    if isinstance(optimizer, DistributedAdamW):
+    if optimizer.sharded:
         state[f"optim.tp{t}.dpcp{d}"] = _optimizer_state(optimizer.inner)
     elif writer:
-        state[f"optim.tp{t}"] = _optimizer_state(optimizer)
+        state[f"optim.tp{t}"] = _optimizer_state(optimizer.inner)
     return state
 
 
@@ -105,7 +104,7 @@ def save(
     barrier()  # every rank's files are in place before the folder is renamed
     if rank == 0:
         with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"step": step, "layout": topology.layout(), **meta}, f, indent=1)
+            json.dump({"step": step, **meta}, f, indent=1)
         stale = None
         if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
             stale = final + ".old"
@@ -203,7 +202,7 @@ def check_compatible(path: str, meta: dict, model_signature: dict, layout: dict)
 def load(path: str, model: torch.nn.Module, optimizer, topology) -> dict:
     """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first); return its meta."""
     meta = read_meta(path)
-    inner = optimizer.inner if isinstance(optimizer, DistributedAdamW) else optimizer
+    inner = optimizer.inner
     _initialise_optimizer_state(inner)
     state = _sharded_state(model, optimizer, topology, saving=False)
     rng_path = os.path.join(path, f"rng_rank{topology.rank}.pt")

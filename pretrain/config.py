@@ -297,7 +297,7 @@ class Config:
     def sizes(self, world_size: int) -> Sizes:
         p = self.parallel
         return Sizes(world=world_size, tp=p.tensor, cp=p.context, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor,
-                     vpp=p.virtual_pipeline, order=p.order, sp=p.sequence_parallel)
+                     order=p.order, sp=p.sequence_parallel)
 
     def _validate_layout(self, e: "_Errors", world_size: int) -> None:
         """The layout against the world size and the model: every rule names its fields."""

@@ -39,15 +39,18 @@ def resolve_device(choice: str) -> torch.device:
 def setup(cfg: Config, world_size: int, rank: int) -> torch.device:
     """The device of this rank; starts the process group when there is more than one rank."""
     device = resolve_device(cfg.run.device)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend=nccl needs CUDA devices: use parallel.backend=gloo (or auto) on the CPU")
     if world_size > 1 and not dist.is_initialized():
-        backend = cfg.parallel.backend
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(minutes=cfg.parallel.timeout_minutes),
-        )
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=collective_timeout(cfg))
     return device
+
+
+def collective_timeout(cfg: Config) -> datetime.timedelta:
+    return datetime.timedelta(minutes=cfg.parallel.timeout_minutes)
 
 
 def barrier() -> None:
@@ -61,12 +64,23 @@ def rank0_first(build: Callable[[], T]) -> T:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return build()
     if dist.get_rank() == 0:
-        result = build()
-        dist.barrier()
+        try:
+            result = build()
+        finally:  # on an error too: the others then meet the same error instead of waiting for rank 0
+            dist.barrier()
     else:
         dist.barrier()
         result = build()
     return result
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank: decisions that every rank must take together."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    values = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values]
 
 
 def mean_over(value: torch.Tensor, group, size: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from data.loader import DataLoader, eval_batches
 from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import build_tokenizer
 from parallel.context_parallel import split_sequence
-from parallel.data_parallel import DistributedAdamW, GradBuffer
+from parallel.data_parallel import DistributedAdamW, GradBuffer, PlainAdamW
 from parallel.topology import Topology
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
@@ -34,17 +34,13 @@ class NonFiniteError(RuntimeError):
     """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
 
 
-def build_optimizer(model: torch.nn.Module, grads: GradBuffer, cfg: Config, device: torch.device):
+def build_optimizer(grads: GradBuffer, cfg: Config, device: torch.device):
     """AdamW with weight decay on matrices only (not on norms or GPAS gates), fused where supported;
     with optimizer.distributed, its states sharded over the data x context-parallel ranks."""
     o = cfg.optimizer
     fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
-    if o.distributed:
-        return DistributedAdamW(grads, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, fused)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    kind = DistributedAdamW if o.distributed else PlainAdamW
+    return kind(grads, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, fused)
 
 
 def model_signature(cfg: Config) -> dict:
@@ -90,7 +86,7 @@ class Trainer:
     def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
         cfg.validate(world_size)
         self.device = distributed.setup(cfg, world_size, rank)
-        self.topology = topology = Topology.build(cfg.sizes(world_size), rank)
+        self.topology = topology = Topology.build(cfg.sizes(world_size), rank, timeout=distributed.collective_timeout(cfg))
         self.is_main = rank == 0
         self.tokenizer = load_tokenizer(cfg)
         vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
@@ -105,7 +101,7 @@ class Trainer:
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else {"step": 0, "consumed_samples": 0}
         checkpoint.check_no_later_checkpoints(self.ckpt_dir, meta["step"])
         if self.resume_from:
-            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg), topology.layout())
+            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg), self.layout())
             if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
                 raise CheckpointError(
                     f"{self.resume_from} was trained with other data settings (sources, phases, split, seq_length, "
@@ -121,7 +117,7 @@ class Trainer:
         self.model = GPT(cfg.model, vocab_size, topology).to(self.device)
         self.model.init_parameters(cfg.run.seed)
         self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
-        self.optimizer = build_optimizer(self.model, self.grads, cfg, self.device)
+        self.optimizer = build_optimizer(self.grads, cfg, self.device)
         if self.resume_from:
             meta = checkpoint.load(self.resume_from, self.model, self.optimizer, topology)
         self.step = meta["step"]
@@ -138,6 +134,12 @@ class Trainer:
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
         )
         self.gates = {p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")}
+
+    def layout(self) -> dict:
+        """What the shards of a checkpoint depend on: the parallel layout and how optimizer states are sharded."""
+        o, p = self.cfg.optimizer, self.cfg.parallel
+        return {**self.topology.layout(), "distributed_optimizer": o.distributed,
+                "grad_bucket_mb": p.grad_bucket_mb if o.distributed else None}
 
     def _build_data(self, eval_samples: int) -> tuple[DataPlan, TrainingStreams]:
         plan = plan_data(self.cfg, self.tokenizer)
@@ -182,14 +184,7 @@ class Trainer:
                 f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
                 "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
             )
-        plain = not isinstance(self.optimizer, DistributedAdamW)
-        if plain:
-            for p in self.model.parameters():
-                p.grad = p.main_grad
         self.optimizer.step()
-        if plain:  # autograd must not accumulate into the gradient buffer behind the hooks' back
-            for p in self.model.parameters():
-                p.grad = None
         self.step = step
         return loss_value, grad_norm
 
@@ -210,12 +205,14 @@ class Trainer:
         return float(distributed.mean_over(total, self.topology.dp_cp_group, self.topology.dp * self.topology.cp))
 
     def check_token_range(self, micro_batches: list[torch.Tensor]) -> None:
-        """Ids outside the vocabulary mean data made with another tokenizer; say so instead of crashing the kernel."""
+        """Ids outside the vocabulary mean data made with another tokenizer; say so (on every rank together)
+        instead of crashing the embedding kernel."""
         low = min(int(t.min()) for t in micro_batches)
         high = max(int(t.max()) for t in micro_batches)
-        if low < 0 or high >= self.vocab_size:
+        (bad,) = distributed.any_rank(low < 0 or high >= self.vocab_size)
+        if bad:
             raise DatasetError(
-                f"the data holds token id {high if high >= self.vocab_size else low}, outside the model's "
+                f"the data holds token ids outside the model's "
                 f"{self.vocab_size} ids (data.tokenizer={self.cfg.data.tokenizer}): the dataset was made with "
                 "another tokenizer; use its tokenizer or set model.vocab_size"
             )
@@ -258,6 +255,7 @@ class Trainer:
             "consumed_samples": self.loader.consumed_samples,
             "model_signature": model_signature(self.cfg),
             "data_signature": data_signature(self.cfg),
+            "layout": self.layout(),
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
         }
@@ -318,7 +316,7 @@ class Trainer:
                     self.metrics.log(step, self.step_record(grad_norm, evaluating))
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                     self.save()
-                if time.perf_counter() > deadline:
+                if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline)[0]:
                     if self.is_main:
                         print(f"train.time_limit_minutes={t.time_limit_minutes} reached at step {step}", flush=True)
                     break

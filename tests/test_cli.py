@@ -76,7 +76,8 @@ def test_a_short_run_end_to_end(tmp_path, tiny_corpus):
 
 
 def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):
-    """The real launcher: 4 ranks (TP2 x DP2, distributed optimizer) under torchrun write the losses of one rank."""
+    """The real launcher: 4 ranks (TP2 with SP x CP2, distributed optimizer sharded over CP) under torchrun
+    write the losses of one rank."""
     import json
     import shutil
 
@@ -90,7 +91,7 @@ def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "4", "-m", "pretrain", *args, f"run.dir={tmp_path}/four",
-         "parallel.tensor=2", "optimizer.distributed=true"],
+         "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "optimizer.distributed=true"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

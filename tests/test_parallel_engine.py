@@ -32,23 +32,47 @@ def test_gradient_norm_counts_every_parameter_once(tmp_path, tiny_corpus, distri
         assert math.isclose(norm, math.sqrt(count), rel_tol=1e-12)
 
 
-def params_after_one_step(rank, world, cfg):
+def state_after_steps(rank, world, cfg, steps=3):
+    """The weights after `steps` steps, and each weight's Adam first moment as (offset, values) pieces:
+    the whole tensor for plain AdamW, this rank's slices with the distributed optimizer."""
     trainer = Trainer(cfg, world, rank)
-    trainer.train_step()
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for _ in range(steps):
+        trainer.train_step()
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    moments = {}
+    if trainer.optimizer.sharded:
+        starts = {p: b.ranges[p][0] for b in trainer.grads.buckets for p in b.params}
+        for p, master, _ in trainer.optimizer.pieces:
+            offset = master.storage_offset() - starts[p]  # masters are views of the flat weight buffer
+            moments.setdefault(names[p], []).append((offset, trainer.optimizer.inner.state[master]["exp_avg"].clone()))
+    else:
+        for p in trainer.model.parameters():
+            moments[names[p]] = [(0, trainer.optimizer.inner.state[p]["exp_avg"].flatten().clone())]
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, moments
 
 
 def test_distributed_optimizer_step_equals_plain_adamw(tmp_path, tiny_corpus):
-    plain = run_ranks(2, params_after_one_step, layout_config(tmp_path / "plain", tiny_corpus))
-    sharded = run_ranks(2, params_after_one_step, layout_config(tmp_path / "sharded", tiny_corpus,
-                                                               "optimizer.distributed=true"))
-    for name, value in plain[0].items():
-        torch.testing.assert_close(sharded[0][name], value, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
-        torch.testing.assert_close(sharded[1][name], value, rtol=1e-6, atol=1e-8)  # every rank has all of it
+    """Weights and Adam moments after 3 steps. The moments are linear in the gradients, so a wrong scale of the
+    reduced or clipped gradients shows there even though Adam's update itself is scale-invariant."""
+    small = "parallel.grad_bucket_mb=0.005"
+    plain = run_ranks(2, state_after_steps, layout_config(tmp_path / "plain", tiny_corpus))
+    sharded = run_ranks(2, state_after_steps, layout_config(tmp_path / "sharded", tiny_corpus,
+                                                           "optimizer.distributed=true", small))
+    weights, moments = plain[0]
+    covered = {name: 0 for name in weights}
+    for rank_weights, rank_moments in sharded:
+        for name, value in weights.items():  # every rank holds all the weights after the all-gather
+            torch.testing.assert_close(rank_weights[name], value, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        for name, pieces in rank_moments.items():
+            full = moments[name][0][1]
+            for offset, piece in pieces:
+                torch.testing.assert_close(piece, full[offset:offset + len(piece)], rtol=1e-5, atol=1e-9)
+                covered[name] += len(piece)
+    assert covered == {name: value.numel() for name, value in weights.items()}  # the shards tile every weight once
 
 
 def count_collectives(rank, world, cfg):
-    """Bytes each kind of collective takes in on this rank during one step's forward and backward passes."""
+    """Bytes each kind of collective takes in on this rank during one training step."""
     trainer = Trainer(cfg, world, rank)
     moved = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
 
@@ -59,26 +83,24 @@ def count_collectives(rank, world, cfg):
         return wrapped
 
     import parallel.collectives as coll
-    import parallel.data_parallel as data_parallel
 
     originals = (dist.all_reduce, dist.all_gather_into_tensor, coll._reduce_scatter_single)
     try:
         dist.all_reduce = counting("all_reduce", originals[0], 0)
         dist.all_gather_into_tensor = counting("all_gather", originals[1], 1)
-        coll._reduce_scatter_single = data_parallel._reduce_scatter_single = counting("reduce_scatter", originals[2], 1)
-        trainer.forward_backward()
+        coll._reduce_scatter_single = counting("reduce_scatter", originals[2], 1)
+        trainer.train_step()
     finally:
         dist.all_reduce, dist.all_gather_into_tensor, coll._reduce_scatter_single = originals
-        data_parallel._reduce_scatter_single = originals[2]
-    return moved, sum(p.numel() for p in trainer.model.parameters())
+    sequence_parallel = sum(v.numel() for _, v in trainer.grads.owned(lambda p: getattr(p, "sequence_parallel", False)))
+    return moved, trainer.grads.grad.numel(), sequence_parallel
 
 
 def test_communication_volume_of_a_step_is_the_analytic_one(tmp_path, tiny_corpus):
-    """TP2 x CP2 x DP2 with SP: the bytes each rank puts into collectives in one step equal the formula,
-    so no activation is gathered twice and no gradient reduced twice."""
-    cfg = layout_config(tmp_path, tiny_corpus, *TP2_CP2_DP2)
-    (moved, local_params), *_ = run_ranks(8, count_collectives, cfg)
-    m, f32, i64 = cfg.model, 4, 8
+    """TP2 x CP2 x DP2 with SP and the distributed optimizer: the bytes every rank puts into collectives in one
+    step equal the formula, so no activation is gathered twice and no gradient or weight moved twice."""
+    cfg = layout_config(tmp_path, tiny_corpus, *TP2_CP2_DP2, "optimizer.distributed=true")
+    m, f32 = cfg.model, 4
     micro, b = 2, 2  # micro-batches per rank per step (8 sequences / DP2 / micro-batch 2), sequences in each
     h, layers = m.hidden_size, m.num_layers
     s_cp = m.seq_length // 2  # tokens of a sequence on a CP rank
@@ -86,18 +108,22 @@ def test_communication_volume_of_a_step_is_the_analytic_one(tmp_path, tiny_corpu
     kv = (m.query_groups // 2) * (h // m.num_attention_heads)  # key (or value) width on a TP rank
     sp_gathers = 2 * layers + 1  # attention and MLP inputs of each layer, the output layer's input
     sp_scatters = 2 * layers + 1  # the embedding, attention-out and MLP-down outputs
-    gather = (sp_gathers * b * s_sp * h  # forward: SP all-gathers
-              + layers * 2 * b * s_cp * kv  # forward: CP all-gathers of keys and values
-              + sp_scatters * b * s_sp * h) * f32  # backward of each reduce-scatter
-    gather += layers * s_cp * i64  # the positions of the gathered keys, once per layer
-    scatter = (sp_scatters * b * s_cp * h  # forward: SP reduce-scatters
-               + sp_gathers * b * s_cp * h  # backward of each SP all-gather
-               + layers * 2 * b * 2 * s_cp * kv) * f32  # backward of the CP key/value gathers
-    reduce = (micro * 3 * b * s_cp  # vocab-parallel loss: max, then (target logit, sum of exp) per token
-              + local_params  # the gradient buckets over DP x CP, once per step
-              + (2 * layers + 1) * h  # sequence-parallel norm weights over TP
-              + 1) * f32  # the reported loss
-    assert moved == {"all_gather": micro * gather, "reduce_scatter": micro * scatter, "all_reduce": reduce}
+    activation_gathers = (sp_gathers * b * s_sp * h  # forward: SP all-gathers
+                          + layers * 2 * b * s_cp * kv  # forward: CP all-gathers of keys and values
+                          + sp_scatters * b * s_sp * h)  # backward of each reduce-scatter
+    activation_scatters = (sp_scatters * b * s_cp * h  # forward: SP reduce-scatters
+                           + sp_gathers * b * s_cp * h  # backward of each SP all-gather
+                           + layers * 2 * b * 2 * s_cp * kv)  # backward of the CP key/value gathers
+    for moved, buffer, sequence_parallel in run_ranks(8, count_collectives, cfg):
+        assert moved["all_gather"] == (micro * activation_gathers + buffer // 4) * f32  # + this rank's weight slices
+        assert moved["reduce_scatter"] == (micro * activation_scatters + buffer) * f32  # + the gradient buckets
+        assert moved["all_reduce"] == (
+            micro * 3 * b * s_cp * f32  # vocab-parallel loss: max, then (target logit, sum of exp) per token
+            + sequence_parallel * f32  # this rank's slices of the sequence-parallel weights, over TP
+            + f32  # the token-range check, decided by all ranks together
+            + f32  # the reported loss
+            + 8  # the squared gradient norm (fp64)
+        )
 
 
 def train_and_report(rank, world, cfg):
@@ -127,3 +153,8 @@ def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path
         run_ranks(4, train_and_report, other)
     with pytest.raises(CheckpointError, match="parallel layout"):
         Trainer(layout_config(tmp_path / "part", tiny_corpus, *extra, "train.iters=9"))
+
+
+def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):
+    cfg = layout_config(tmp_path, tiny_corpus, "train.time_limit_minutes=1e-9", "parallel.context=2")
+    assert [r["step"] for r in run_ranks(2, train_and_report, cfg)] == [1, 1]

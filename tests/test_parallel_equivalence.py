@@ -79,6 +79,11 @@ LAYOUTS = {
     "DP2": (2, []),
     "DP2 distributed optimizer": (2, ["optimizer.distributed=true"]),
     "TP2xCP2xDP2 SP": (8, ["parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true"]),
+    # 5 KB buckets: dozens of them, reduced while backward runs, sharded with padding between them
+    "DP2 distributed optimizer, small buckets": (2, ["optimizer.distributed=true", "parallel.grad_bucket_mb=0.005"]),
+    "TP2xCP2xDP2 SP distributed optimizer, small buckets": (8, [
+        "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "optimizer.distributed=true",
+        "parallel.grad_bucket_mb=0.005"]),
 }
 MODELS = {"": (), "tied+gpas+gelu": ("model.tie_embeddings=true", "model.gpas.enabled=true", "model.activation=gelu")}
 
