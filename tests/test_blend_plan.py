@@ -1,4 +1,3 @@
-from conftest import tiny_config  # noqa: F401  (puts the repository on the path)
 from tools.blend_plan import main
 
 
