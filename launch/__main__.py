@@ -8,6 +8,7 @@ its memory. An impossible layout ends with one line naming the fields and exit s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
@@ -53,8 +54,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     """The report for a valid layout; ConfigError or TopologyError for an impossible one."""
+    import torch
+
     from launch.estimate import activation_bytes, human_bytes, parameters_per_tp_rank, state_bytes
-    from parallel.topology import describe
+    from parallel.pipeline import bubble_fraction, stage_layers
+    from parallel.topology import Topology, describe
+    from pretrain.model import GPT
     from pretrain.config import ConfigError, load_config
     from pretrain.model import padded_vocab_size
     from pretrain.trainer import load_tokenizer
@@ -62,34 +67,53 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     cfg = load_config(path, overrides).validate(world_size)
     m, p, sizes = cfg.model, cfg.parallel, cfg.sizes(world_size)
     vocab_size = m.vocab_size or padded_vocab_size(load_tokenizer(cfg).vocab_size, m.vocab_multiple)
+    layers = stage_layers(m.num_layers, p.pipeline, p.first_stage_layers, p.last_stage_layers)
     try:
-        counts = parameters_per_tp_rank(m, vocab_size, sizes)
+        counts = parameters_per_tp_rank(m, vocab_size, sizes, layers)
     except ValueError as err:  # a weight that does not split evenly, such as the vocabulary over TP
         raise ConfigError(f"the model does not split over parallel.tensor={p.tensor}: {err}") from None
+    with torch.device("meta"):
+        total = GPT(m, vocab_size, Topology.single()).num_parameters()
 
-    total = sum(c.split for c in counts) + counts[0].replicated  # replicated weights counted once
-    lines = [f"{path}: valid for {world_size} ranks", "", describe(sizes), "",
-             f"parameters: {total:,} in the model (vocabulary {vocab_size}); per rank, by tensor-parallel coordinate:"]
+    micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * sizes.dp)
+    lines = [f"{path}: valid for {world_size} ranks", "", describe(sizes), ""]
+    if p.pipeline > 1:
+        lines += ["pipeline stages: " + ", ".join(f"stage {s}: layers {r.start}-{r.stop - 1}" for s, r in enumerate(layers)),
+                  f"1F1B with {micro} micro-batches per step: bubble fraction (p-1)/(m+p-1) = "
+                  f"{bubble_fraction(p.pipeline, micro):.1%}", ""]
+    lines.append(f"parameters: {total:,} in the model (vocabulary {vocab_size}); per rank, by pipeline stage and "
+                 "tensor-parallel coordinate:")
     for c in counts:
-        lines.append(f"  tp rank {c.tp_rank}: {c.total:,} ({c.split:,} tensor-parallel + {c.replicated:,} replicated)")
+        lines.append(f"  {_where(c, p.pipeline)}: {c.total:,} ({c.split:,} tensor-parallel + {c.replicated:,} replicated)")
 
     sharded = cfg.optimizer.distributed
     shards = sizes.dp * sizes.cp if sharded else 1
     element_bytes = 4 if cfg.precision.dtype == "fp32" else 2
-    activations = activation_bytes(m, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,
-                                   p.sequence_parallel and p.tensor > 1, element_bytes)
+
+    def activations(stage: int) -> float:
+        """One micro-batch through this stage's layers, times the micro-batches 1F1B keeps alive there (p - s);
+        the embedding and output terms are counted on every stage (an overestimate for middle stages)."""
+        stage_model = dataclasses.replace(m, num_layers=len(layers[stage]))
+        one = activation_bytes(stage_model, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,
+                               p.sequence_parallel and p.tensor > 1, element_bytes)
+        return one * min(p.pipeline - stage, micro)
+
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
         f"  fp{WEIGHT_BYTES * 8} weights, fp32 gradients, fp32 Adam states "
         + (f"sharded over DP x CP = {shards} ranks" if sharded else "not sharded (optimizer.distributed off)"),
         f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
-        "tokens, no recomputation",
+        "tokens, no recomputation" + (" (times the micro-batches in flight on a stage)" if p.pipeline > 1 else ""),
     ]
     for c in counts:
-        parts = {**state_bytes(c.total, WEIGHT_BYTES, shards), "activations": activations}
+        parts = {**state_bytes(c.total, WEIGHT_BYTES, shards), "activations": activations(c.stage)}
         terms = " + ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
-        lines.append(f"  tp rank {c.tp_rank}: {terms} = {human_bytes(sum(parts.values()))}")
+        lines.append(f"  {_where(c, p.pipeline)}: {terms} = {human_bytes(sum(parts.values()))}")
     return "\n".join(lines)
+
+
+def _where(c, stages: int) -> str:
+    return f"stage {c.stage} tp rank {c.tp_rank}" if stages > 1 else f"tp rank {c.tp_rank}"
 
 
 def main(argv: list[str]) -> int:

@@ -20,8 +20,9 @@ from pretrain.model import GPT
 
 @dataclass(frozen=True)
 class RankParameters:
-    """The parameters one tensor-parallel rank holds; every rank with this tp coordinate holds the same."""
+    """The parameters one rank holds; every rank with these pipeline and tensor-parallel coordinates holds the same."""
 
+    stage: int
     tp_rank: int
     split: int  # elements of this rank's slices of the tensor-parallel weights
     replicated: int  # elements every tensor-parallel rank holds in full (norms, GPAS gates, row-parallel biases)
@@ -42,18 +43,25 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return split, replicated
 
 
-def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes) -> list[RankParameters]:
-    """Build the model of one rank per tensor-parallel coordinate on the meta device and count its parameters.
+def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes,
+                           layers: list[range] | None = None) -> list[RankParameters]:
+    """Build the model of one rank per (pipeline stage, tensor-parallel coordinate) on the meta device and count
+    its parameters. `layers`: the layers of each stage (default: all on one stage).
 
     The layers size themselves from the topology, so this counts what each rank will really allocate.
     """
+    layers = layers or [range(model_cfg.num_layers)]
     counts = []
-    for tp_rank, rank in enumerate(group_tables(sizes)["tp"][0]):
-        topology = Topology.build(sizes, rank, create_groups=False)
-        with torch.device("meta"):
-            model = GPT(model_cfg, vocab_size, topology)
-        counts.append(RankParameters(tp_rank, *count_parameters(model)))
-    return counts
+    for ranks in group_tables(sizes)["tp"]:
+        topology = Topology.build(sizes, ranks[0], create_groups=False)
+        if topology.dp_rank or topology.cp_rank:
+            continue  # the same as the tp group of DP x CP rank 0 of this stage
+        for tp_rank, rank in enumerate(ranks):
+            topology = Topology.build(sizes, rank, create_groups=False)
+            with torch.device("meta"):
+                model = GPT(model_cfg, vocab_size, topology, layers[topology.pp_rank])
+            counts.append(RankParameters(topology.pp_rank, tp_rank, *count_parameters(model)))
+    return sorted(counts, key=lambda c: (c.stage, c.tp_rank))
 
 
 def state_bytes(params: int, weight_bytes: int, optimizer_shards: int = 1) -> dict[str, float]:

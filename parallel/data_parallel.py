@@ -33,6 +33,7 @@ class Bucket:
     pending: int = 0
     handle: object = None
     launched: bool = False
+    deferred: bool = False  # tied embedding copies: summed over the embedding group first, in finish()
     ranges: dict = field(default_factory=dict)  # param -> (start, end) in the flat buffers
 
 
@@ -48,13 +49,19 @@ class GradBuffer:
         device = self.params[0].device
         self.buckets, start, current = [], 0, []
         limit = int(bucket_mb * 2**20 / 4)
+        tied = [p for p in self.params if getattr(p, "tied_embedding", False)]
         for p in reversed(self.params):  # roughly the order in which backward produces gradients
+            if getattr(p, "tied_embedding", False):
+                continue
             current.append(p)
             if sum(q.numel() for q in current) >= limit:
                 start = self._close(current, start)
                 current = []
         if current:
             start = self._close(current, start)
+        if tied:
+            start = self._close(tied, start)
+            self.buckets[-1].deferred = True
         self.grad = torch.zeros(start, dtype=torch.float32, device=device)
         self.grad_shard = torch.zeros(start // self.size, dtype=torch.float32, device=device) if shard else None
         self.bucket_of = {}
@@ -96,7 +103,7 @@ class GradBuffer:
         if self.sync_now:
             bucket = self.bucket_of[p]
             bucket.pending -= 1
-            if bucket.pending == 0:
+            if bucket.pending == 0 and not bucket.deferred:
                 self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
@@ -119,6 +126,9 @@ class GradBuffer:
         """Complete the reduction: buckets never completed (unused parameters) go now, in bucket order;
         then sequence-parallel weights are summed over TP."""
         for bucket in self.buckets:
+            if bucket.deferred and group_size(self.topology.groups["embedding"]) > 1:
+                # the first and the last stage each hold a copy of the tied embedding: add their gradients
+                dist.all_reduce(self.grad[bucket.start:bucket.end], group=self.topology.groups["embedding"])
             if not bucket.launched:
                 self._launch(bucket)
         for bucket in self.buckets:
@@ -170,11 +180,14 @@ class GradBuffer:
 
     def grad_norm(self, select=lambda p: True) -> float:
         """Global L2 norm of the selected gradients, each element counted once over the whole world:
-        TP-replicated weights only on TP rank 0, unsharded gradients only on DP x CP rank 0."""
-        tp_rank = self.topology.tp_rank
+        TP-replicated weights only on TP rank 0, unsharded gradients only on DP x CP rank 0, the tied
+        embedding only on the first pipeline stage."""
+        tp_rank, first_stage = self.topology.tp_rank, self.topology.is_first_stage
         total = torch.zeros((), dtype=torch.float64, device=self.grad.device)
         if self.shard or self.rank == 0:
             for p, g in self.owned(select):
+                if getattr(p, "tied_embedding", False) and not first_stage:
+                    continue
                 if getattr(p, "partition_dim", None) is not None or tp_rank == 0:
                     total += g.double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:

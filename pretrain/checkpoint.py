@@ -50,18 +50,18 @@ def check_writable(ckpt_dir: str) -> None:
 
 def _sharded_state(model: torch.nn.Module, optimizer, topology, saving: bool) -> dict:
     """Keys name the shard they hold, so every rank writes (and reads) only its own part:
-    `model.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights),
-    `optim.tp<t>` for the plain optimizer (likewise replicated) or `optim.tp<t>.dpcp<d>` for the
-    distributed one (each rank its slice)."""
-    t, d = topology.tp_rank, topology.coords["dp_cp"]
+    `model.pp<p>.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights;
+    layers keep their global numbers), `optim.pp<p>.tp<t>` for the plain optimizer (likewise replicated)
+    or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice)."""
+    shard, d = f"pp{topology.pp_rank}.tp{topology.tp_rank}", topology.coords["dp_cp"]
     writer = d == 0 or not saving
     state = {}
     if writer:
-        state[f"model.tp{t}"] = model.state_dict()
+        state[f"model.{shard}"] = model.state_dict()
     if optimizer.sharded:
-        state[f"optim.tp{t}.dpcp{d}"] = _optimizer_state(optimizer.inner)
+        state[f"optim.{shard}.dpcp{d}"] = _optimizer_state(optimizer.inner)
     elif writer:
-        state[f"optim.tp{t}"] = _optimizer_state(optimizer.inner)
+        state[f"optim.{shard}"] = _optimizer_state(optimizer.inner)
     return state
 
 
@@ -210,7 +210,7 @@ def load(path: str, model: torch.nn.Module, optimizer, topology) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=path)
-        model.load_state_dict(state[f"model.tp{topology.tp_rank}"])
+        model.load_state_dict(state[f"model.pp{topology.pp_rank}.tp{topology.tp_rank}"])
         saved = next(v for k, v in state.items() if k.startswith("optim."))
         inner.load_state_dict({"state": {int(k): v for k, v in saved["state"].items()}, "param_groups": saved["param_groups"]})
         rng = torch.load(rng_path, weights_only=False)

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from data.blend import PhaseConfig, SourceConfig, phase_boundaries
+from parallel.pipeline import stage_layers
 from parallel.topology import Sizes, TopologyError
 
 
@@ -89,6 +90,8 @@ class ParallelConfig:
     context: int = 1
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None
+    first_stage_layers: Optional[int] = None  # layers on the first / last pipeline stage (null: an even split)
+    last_stage_layers: Optional[int] = None
     expert: int = 1
     expert_tensor: Optional[int] = None  # null: same as tensor
     sequence_parallel: bool = False  # no effect with tensor=1, as in Megatron-LM
@@ -232,7 +235,8 @@ class Config:
         if m.gpas.gate_grad_clip is not None:
             e.positive("model.gpas.gate_grad_clip", m.gpas.gate_grad_clip)
         p = self.parallel
-        for name in ("tensor", "context", "pipeline", "expert", "virtual_pipeline", "expert_tensor"):
+        for name in ("tensor", "context", "pipeline", "expert", "virtual_pipeline", "expert_tensor",
+                     "first_stage_layers", "last_stage_layers"):
             if getattr(p, name) is not None:
                 e.positive(f"parallel.{name}", getattr(p, name))
         e.positive("parallel.timeout_minutes", p.timeout_minutes)
@@ -308,8 +312,12 @@ class Config:
         except TopologyError as err:
             e.add(str(err))
             return
-        if p.pipeline > 1 or p.virtual_pipeline:
-            e.add("parallel.pipeline / parallel.virtual_pipeline: pipeline parallelism is not available yet; use 1")
+        if p.virtual_pipeline:
+            e.add("parallel.virtual_pipeline: interleaved pipeline schedules are not available yet; remove it")
+        try:
+            stage_layers(m.num_layers, p.pipeline, p.first_stage_layers, p.last_stage_layers)
+        except ValueError as err:
+            e.add(str(err))
         if p.expert > 1 or (p.expert_tensor or p.tensor) != p.tensor:
             e.add("parallel.expert / parallel.expert_tensor: expert parallelism needs mixture-of-experts layers, "
                   "not available yet; use expert=1 and no expert_tensor")

@@ -114,7 +114,7 @@ class Metrics:
         if "val_loss" in values:
             line += f" | val loss {values['val_loss']:.4f} (ppl {values['val_ppl']:.2f})"
         if "gpas_scale" in values:
-            line += " | gpas " + " ".join(f"{s:.3f}" for s in values["gpas_scale"])
+            line += " | gpas " + " ".join(f"{s:.3f}" for s in values["gpas_scale"].values())
         print(line, flush=True)
 
     def summary(self) -> str:

@@ -20,6 +20,7 @@ from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import build_tokenizer
 from parallel.context_parallel import split_sequence
 from parallel.data_parallel import DistributedAdamW, GradBuffer, PlainAdamW
+from parallel.pipeline import StageLink, forward_only, one_f_one_b, stage_layers
 from parallel.topology import Topology
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
@@ -114,7 +115,13 @@ class Trainer:
         self.plan, self.data = distributed.rank0_first(lambda: self._build_data(eval_samples))
 
         torch.manual_seed(cfg.run.seed)
-        self.model = GPT(cfg.model, vocab_size, topology).to(self.device)
+        p = cfg.parallel
+        self.layers = stage_layers(cfg.model.num_layers, p.pipeline, p.first_stage_layers, p.last_stage_layers)
+        self.model = GPT(cfg.model, vocab_size, topology, self.layers[topology.pp_rank]).to(self.device)
+        local_tokens = cfg.model.seq_length // topology.cp // (topology.tp if topology.sequence_parallel else 1)
+        self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size), torch.float32,
+                              self.device)
+        self.most_in_flight = 0
         self.model.init_parameters(cfg.run.seed)
         self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
         self.optimizer = build_optimizer(self.grads, cfg, self.device)
@@ -154,17 +161,27 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss of this rank's tokens of a micro-batch [batch, seq + 1]: under context
-        parallelism its two chunks of every sequence, at their true positions."""
+    def stage_forward(self, tokens: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
+        """This stage's part of a micro-batch [batch, seq + 1]: the first stage starts from its token ids, the
+        others from the hidden states `received` from the previous stage; the last stage returns the mean
+        next-token loss of this rank's tokens, the others their hidden states. Under context parallelism a
+        rank holds two chunks of every sequence, at their true positions."""
         tp = self.topology
         tokens = tokens.to(self.device, non_blocking=True)
         ids, labels = tokens[:, :-1], tokens[:, 1:]
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         ids, labels, positions = (split_sequence(x, tp.cp_rank, tp.cp) for x in (ids, labels, positions))
         with self.autocast():
-            logits = self.model(ids, positions)
-        return next_token_loss(logits, labels, tp)
+            output = self.model(ids if tp.is_first_stage else received, positions)
+        return next_token_loss(output, labels, tp) if tp.is_last_stage else output
+
+    def stage_mean(self, total: torch.Tensor) -> float:
+        """A loss summed on the last stage, averaged over DP x CP and sent to every stage."""
+        tp = self.topology
+        value = distributed.mean_over(total, tp.dp_cp_group, tp.dp * tp.cp)
+        if tp.pp > 1:
+            torch.distributed.broadcast(value, src=tp.members["pp"][-1], group=tp.groups["pp"])
+        return float(value)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank."""
@@ -189,20 +206,29 @@ class Trainer:
         return loss_value, grad_norm
 
     def forward_backward(self) -> float:
-        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss."""
+        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss.
+        The micro-batches run through the pipeline schedule (one stage: a plain accumulation loop)."""
         self.grads.zero()
         consumed = self.loader.consumed_samples
         micro_batches = self.loader.next_step()
         self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
         total = torch.zeros((), device=self.device)
-        for i, tokens in enumerate(micro_batches):
-            self.grads.start_micro_batch(last=i == len(micro_batches) - 1)
-            loss = self.forward_loss(tokens) / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
+        count = len(micro_batches)
+
+        def forward(i: int, received):
+            nonlocal total
+            output = self.stage_forward(micro_batches[i], received)
+            if self.topology.is_last_stage:
+                output = output / count
+                total += output.detach()
+            return output
+
+        self.most_in_flight = one_f_one_b(
+            forward, lambda i: self.grads.start_micro_batch(last=i == count - 1), count, self.link
+        )
         self.grads.finish()
-        return float(distributed.mean_over(total, self.topology.dp_cp_group, self.topology.dp * self.topology.cp))
+        return self.stage_mean(total)
 
     def check_token_range(self, micro_batches: list[torch.Tensor]) -> None:
         """Ids outside the vocabulary mean data made with another tokenizer; say so (on every rank together)
@@ -240,13 +266,13 @@ class Trainer:
         t, tp = self.cfg.train, self.topology
         by_source = {}
         for stream in self.data.validation:
-            total, count = torch.zeros((), device=self.device), 0
-            for tokens in eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
-                                       tp.dp_rank, tp.dp):
-                self.check_token_range([tokens])
-                total += self.forward_loss(tokens)
-                count += 1
-            by_source[stream.name] = float(distributed.mean_over(total / count, tp.dp_cp_group, tp.dp * tp.cp))
+            batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
+                                        tp.dp_rank, tp.dp))
+            self.check_token_range(batches)
+            outputs = forward_only(lambda i, received: self.stage_forward(batches[i], received), len(batches),
+                                   self.link)
+            total = sum(outputs) / len(outputs) if tp.is_last_stage else torch.zeros((), device=self.device)
+            by_source[stream.name] = self.stage_mean(total)
         self.model.train()
         return by_source
 
@@ -279,9 +305,13 @@ class Trainer:
             f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
             f"precision {self.cfg.precision.dtype}",
             f"layout: {self.topology.world_size} rank(s), TP{self.topology.tp} x CP{self.topology.cp} x "
-            f"DP{self.topology.dp}" + (" with sequence parallelism" if self.topology.sequence_parallel else "")
+            f"DP{self.topology.dp} x PP{self.topology.pp}"
+            + (" with sequence parallelism" if self.topology.sequence_parallel else "")
             + (", distributed optimizer" if self.cfg.optimizer.distributed else ""),
         ]
+        if self.topology.pp > 1:
+            lines.append("pipeline stages (layers): " + ", ".join(
+                f"{s}: {r.start}-{r.stop - 1}" for s, r in enumerate(self.layers)))
         if not self.data.validation and self.cfg.eval.interval:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:
@@ -331,6 +361,15 @@ class Trainer:
         return {"step": self.step, "first_loss": self.metrics.first_loss, "last_loss": self.metrics.last_loss,
                 "val_loss": self.metrics.last_val_loss}
 
+    def gpas_scales(self) -> dict[str, float]:
+        """Every layer's GPAS scale, gathered from the pipeline stages, in layer order."""
+        scales = [self.model.gpas_scales()]
+        if self.topology.pp > 1:
+            scales = [None] * self.topology.pp
+            torch.distributed.all_gather_object(scales, self.model.gpas_scales(), group=self.topology.groups["pp"])
+        merged = {k: v for stage in scales for k, v in stage.items()}
+        return {k: merged[k] for k in sorted(merged, key=int)}
+
     def step_record(self, grad_norm: float, evaluating: bool) -> dict:
         schedule, seq = self.data.schedule, self.cfg.model.seq_length
         record = {
@@ -347,8 +386,8 @@ class Trainer:
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
             if len(by_source) > 1:
                 record["val_loss_by_source"] = by_source
-        if self.gates:
-            record["gpas_scale"] = self.model.gpas_scales()
+        if self.cfg.model.gpas.enabled:
+            record["gpas_scale"] = self.gpas_scales()
         return record
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import socket
+import time
 import traceback
 
 
@@ -21,8 +24,8 @@ def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
 
     torch.set_num_threads(1)  # N ranks share 2 cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # a short timeout: a rank that waits for a dead peer fails instead of hanging the suite
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         # plain pickle: tensors travel by value, not as shared memory that dies with this process
         results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # reported to the parent, which fails the test with the rank's traceback
@@ -41,9 +44,18 @@ def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
     for p in procs:
         p.start()
     out = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = results.get(timeout=timeout)
+        while len(out) < world:
+            try:
+                rank, status, value = results.get(timeout=2.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
+                if dead:
+                    raise AssertionError(f"rank(s) {dead} died with exit code {procs[dead[0]].exitcode}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"ranks {sorted(set(range(world)) - set(out))} did not finish") from None
+                continue
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             out[rank] = pickle.loads(value)

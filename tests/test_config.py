@@ -78,7 +78,9 @@ def test_all_problems_reported_at_once():
         (4, ["parallel.tensor=4", "model.num_query_groups=2"], "model.num_query_groups=2 is not divisible by parallel.tensor=4"),
         (8, ["parallel.tensor=2", "parallel.context=2", "model.seq_length=100"], "2 x parallel.context x parallel.tensor = 8"),
         (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=101"], "(sequence parallelism)"),
-        (2, ["parallel.pipeline=2"], "pipeline parallelism is not available yet"),
+        (2, ["parallel.pipeline=2", "model.num_layers=3"], "model.num_layers=3 is not divisible by parallel.pipeline=2"),
+        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], "interleaved pipeline schedules are not available"),
+        (4, ["parallel.pipeline=4", "parallel.first_stage_layers=3"], "leaves 1 layers for 3 middle stage(s)"),
     ],
 )
 def test_impossible_layouts_name_the_fields(world, overrides, message):

@@ -164,3 +164,18 @@ def test_slurm_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_first_node(tmp
         "srun --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 4 "
         "--rdzv-backend c10d --rdzv-endpoint node-a:29500 --rdzv-id 42 -m pretrain my.yaml train.iters=5"
     )
+
+
+def test_dry_run_shows_pipeline_stages_and_the_bubble(capsys):
+    code, out, err = dry_run(capsys, "parallel.pipeline=2", "parallel.tensor=2", "model.num_layers=6",
+                             "parallel.first_stage_layers=2", "train.global_batch_size=32", "--world-size", "8")
+    assert code == 0, err
+    assert "pipeline stages: stage 0: layers 0-1, stage 1: layers 2-5" in out
+    assert "bubble fraction (p-1)/(m+p-1) = 33.3%" in out  # 32 sequences / (8 x DP2) = 2 micro-batches: 1/3
+    stage_lines = [line for line in out.splitlines() if line.startswith("  stage ") and "replicated" in line]
+    assert len(stage_lines) == 4
+
+
+def test_dry_run_refuses_layers_that_do_not_split_into_stages(capsys):
+    code, _, err = dry_run(capsys, "parallel.pipeline=4", "model.num_layers=6", "--world-size", "8")
+    assert code == 1 and "model.num_layers=6 is not divisible by parallel.pipeline=4" in err

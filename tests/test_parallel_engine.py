@@ -17,17 +17,24 @@ TP2_CP2_DP2 = ["parallel.tensor=2", "parallel.context=2", "parallel.sequence_par
 
 
 def norm_of_ones(rank, world, cfg):
+    from parallel.topology import Topology
+    from pretrain.model import GPT
+
     trainer = Trainer(cfg, world, rank)
     trainer.grads.grad.fill_(1.0)
     if trainer.grads.shard:
         trainer.grads.grad_shard.fill_(1.0)
-    return trainer.grads.grad_norm(), trainer.model.num_parameters()
+    with torch.device("meta"):  # the whole model, as one rank would hold it
+        whole = GPT(trainer.cfg.model, trainer.vocab_size, Topology.single()).num_parameters()
+    return trainer.grads.grad_norm(), whole
 
 
-@pytest.mark.parametrize("distributed", [False, True])
-def test_gradient_norm_counts_every_parameter_once(tmp_path, tiny_corpus, distributed):
-    cfg = layout_config(tmp_path, tiny_corpus, *TP2_CP2_DP2, "model.gpas.enabled=true",
-                        f"optimizer.distributed={str(distributed).lower()}")
+@pytest.mark.parametrize("layout", [
+    TP2_CP2_DP2, TP2_CP2_DP2 + ["optimizer.distributed=true"],
+    ["parallel.pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true", "optimizer.distributed=true"],
+])
+def test_gradient_norm_counts_every_parameter_once(tmp_path, tiny_corpus, layout):
+    cfg = layout_config(tmp_path, tiny_corpus, *layout, "model.gpas.enabled=true")
     for norm, count in run_ranks(8, norm_of_ones, cfg):
         assert math.isclose(norm, math.sqrt(count), rel_tol=1e-12)
 
@@ -130,8 +137,11 @@ def train_and_report(rank, world, cfg):
     return train(cfg, world, rank)
 
 
-def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path, tiny_corpus):
-    layout = TP2_CP2_DP2[:2] + ["optimizer.distributed=true"]
+@pytest.mark.parametrize("layout", [
+    TP2_CP2_DP2[:2] + ["optimizer.distributed=true"],
+    ["parallel.pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true", "model.gpas.enabled=true"],
+])
+def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path, tiny_corpus, layout):
     extra = ("train.iters=6", "logging.interval=1", "eval.interval=3", "eval.iters=1")
     full = layout_config(tmp_path / "full", tiny_corpus, *layout, *extra)
     run_ranks(8, train_and_report, full)
@@ -148,11 +158,13 @@ def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path
             return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in map(json.loads, f)]
 
     assert records(part) == records(full)  # bitwise: the same ranks add the same numbers in the same order
-    other = layout_config(tmp_path / "part", tiny_corpus, "parallel.tensor=2", *extra, "train.iters=9")
+    other = layout_config(tmp_path / "part", tiny_corpus, "parallel.tensor=2", *extra, "train.iters=9",
+                          *[o for o in layout if o.startswith("model.")])
     with pytest.raises(AssertionError, match="parallel layout"):
         run_ranks(4, train_and_report, other)
     with pytest.raises(CheckpointError, match="parallel layout"):
-        Trainer(layout_config(tmp_path / "part", tiny_corpus, *extra, "train.iters=9"))
+        Trainer(layout_config(tmp_path / "part", tiny_corpus, *extra, "train.iters=9",
+                              *[o for o in layout if o.startswith("model.")]))
 
 
 def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):

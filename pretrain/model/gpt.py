@@ -128,34 +128,51 @@ class TransformerLayer(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology):
+    """The model, or under pipeline parallelism one stage of it: `layers` are the global numbers of the
+    decoder layers this stage holds (parameter names keep them: `layers.7.mlp.up.weight` on any stage).
+    The first stage embeds, the last one normalises and projects to the vocabulary; with tied embeddings
+    the last stage holds its own copy of the embedding table, kept equal through the embedding group."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, layers: range | None = None):
         super().__init__()
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.first, self.last = topology.is_first_stage, topology.is_last_stage
         sp = topology.sequence_parallel
-        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, topology) for _ in range(cfg.num_layers))
-        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
-        self.output = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, vocab_size, topology, sp)
+        self.embedding = None
+        if self.first or (self.last and cfg.tie_embeddings):
+            self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp)
+            self.embedding.weight.tied_embedding = cfg.tie_embeddings and topology.pp > 1
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology) for i in layers})
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology) if self.last else None
+        self.output = None
+        if self.last and not cfg.tie_embeddings:
+            self.output = ColumnParallelLinear(cfg.hidden_size, vocab_size, topology, sp)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [batch, seq] -> logits [batch, seq, vocab / TP] (this rank's vocabulary slice).
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: token ids [batch, seq]; later stages: the previous stage's hidden states.
+        Last stage: logits [batch, seq, vocab / TP] (this rank's vocabulary slice); others: hidden states.
 
         `positions` [batch, seq]: the global positions of the tokens (context parallelism holds
-        chunks of each sequence); by default 0..seq-1."""
+        chunks of each sequence); by default 0..seq-1 (first stage only)."""
         if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
-        x = self.embedding(ids)
-        for layer in self.layers:
+        if self.first:
+            x = self.embedding(x)
+        for layer in self.layers.values():
             x = layer(x, cos, sin, positions)
+        if not self.last:
+            return x
         x = self.final_norm(x)
         if self.output is not None:
             return self.output(x)
         return F.linear(enter_tensor_parallel(x, self.topology, self.topology.sequence_parallel), self.embedding.weight)
 
-    def gpas_scales(self) -> list[float]:
-        return [layer.gpas.scale() for layer in self.layers if layer.gpas is not None]
+    def gpas_scales(self) -> dict[str, float]:
+        """1 - silu(a) of each of this stage's layers, by global layer number."""
+        return {i: layer.gpas.scale() for i, layer in self.layers.items() if layer.gpas is not None}
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all shards), each counted once."""
