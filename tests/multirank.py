@@ -35,9 +35,24 @@ def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
             dist.destroy_process_group()
 
 
+class RankDied(AssertionError):
+    """A rank ended without a result or an error (killed, crashed in native code): not a test failure."""
+
+
 def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
-    """fn(rank, world, *args) on each rank, the process group already started; returns the results by rank."""
-    ctx = mp.get_context("fork")
+    """fn(rank, world, *args) on each rank, the process group already started; returns the results by rank.
+
+    A rank that dies without reporting (or a port taken between choosing and binding it) is a fault of the
+    machine, not of the code under test: the ranks are started once more. A rank that raises fails the test."""
+    try:
+        return _run_once(world, fn, args, timeout)
+    except RankDied as err:
+        print(f"multirank: {err}; starting the ranks again")
+        return _run_once(world, fn, args, timeout)
+
+
+def _run_once(world: int, fn, args, timeout: float) -> list:
+    ctx = mp.get_context("fork")  # ranks start with what the test process imported: no seconds of imports each
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
@@ -50,13 +65,16 @@ def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
             try:
                 rank, status, value = results.get(timeout=2.0)
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
+                # a rank's result is in the queue before it exits: one that exited without it died
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in out]
                 if dead:
-                    raise AssertionError(f"rank(s) {dead} died with exit code {procs[dead[0]].exitcode}") from None
+                    raise RankDied(f"rank(s) {dead} died with exit code {procs[dead[0]].exitcode}") from None
                 if time.monotonic() > deadline:
                     raise AssertionError(f"ranks {sorted(set(range(world)) - set(out))} did not finish") from None
                 continue
             if status == "error":
+                if "Address already in use" in value:
+                    raise RankDied(f"rank {rank} found its port taken")
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             out[rank] = pickle.loads(value)
     finally:
