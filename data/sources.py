@@ -101,12 +101,12 @@ class DataPlan:
         return "\n".join(lines)
 
 
-def _open_source(name: str, cfg: SourceConfig, vocab_size: int, train_share: float, cache_dir: str | None,
-                 field_name: str, seq_length: int, validation: bool) -> Source:
-    """Open and check a source's prefixes. The first `train_share` of each prefix's documents train, the rest
-    are held out; the source is weighted for training, or (`validation`) for its held-out documents."""
+def _open_prefixes(name: str, raw_prefixes: list[str], vocab_size: int, train_share: float, cache_dir: str | None,
+                   field_name: str) -> list[Prefix]:
+    """Open and check a source's prefixes; the first `train_share` of each prefix's documents train, the rest
+    are held out."""
     prefixes = []
-    for raw in cfg.prefixes:
+    for raw in raw_prefixes:
         try:
             path = resolve_prefix(raw, cache_dir)
             dataset = open_indexed_dataset(path, vocab_size)
@@ -115,25 +115,31 @@ def _open_source(name: str, cfg: SourceConfig, vocab_size: int, train_share: flo
         n = len(dataset.sequence_lengths)
         cut = int(round(n * train_share))
         prefixes.append(Prefix(path, dataset, np.arange(cut), np.arange(cut, n)))
-    if cfg.weights is not None and not validation:
-        weights = np.asarray(cfg.weights, dtype=np.float64)
+    return prefixes
+
+
+def _weighted(name: str, prefixes: list[Prefix], weights: list[float] | None, max_epochs: float | None,
+              seq_length: int, validation: bool, field_name: str) -> Source:
+    """The source weighted for training, or (`validation`) for its held-out documents."""
+    if weights is not None and not validation:
+        w = np.asarray(weights, dtype=np.float64)
     else:  # in proportion to the tokens the source serves, leaving out prefixes too small for one sample
-        weights = np.asarray([p.tokens(p.valid_docs if validation else p.train_docs) if p.samples(validation, seq_length)
-                              else 0 for p in prefixes], dtype=np.float64)
+        w = np.asarray([p.tokens(p.valid_docs if validation else p.train_docs) if p.samples(validation, seq_length)
+                        else 0 for p in prefixes], dtype=np.float64)
     kind = "validation" if validation else "training"
-    for p, w in zip(prefixes, weights):
-        if w > 0 and not p.samples(validation, seq_length):
+    for p, weight in zip(prefixes, w):
+        if weight > 0 and not p.samples(validation, seq_length):
             raise DatasetError(
                 f"{field_name}.{name}: {p.path} has {p.tokens(p.valid_docs if validation else p.train_docs)} {kind} "
                 f"tokens, too few for one sample of model.seq_length+1={seq_length + 1}: give it weight 0, add data "
                 "or change data.split"
             )
-    if weights.sum() <= 0:
+    if w.sum() <= 0:
         raise DatasetError(
             f"{field_name}.{name} has no {kind} documents long enough for one sample of {seq_length + 1} tokens: "
             "add data, shorten model.seq_length or change data.split"
         )
-    return Source(name, prefixes, weights / weights.sum(), cfg.max_epochs)
+    return Source(name, prefixes, w / w.sum(), max_epochs)
 
 
 def make_plan(
@@ -143,16 +149,16 @@ def make_plan(
 ) -> DataPlan:
     """Check every prefix and the schedule; raises DatasetError or ValueError naming the field."""
     train_share = 1.0 if validation else split[0]
-    opened = [_open_source(n, c, vocab_size, train_share, cache_dir, "data.sources", seq_length, False)
+    prefixes = {n: _open_prefixes(n, c.prefixes, vocab_size, train_share, cache_dir, "data.sources")
+                for n, c in sources.items()}
+    opened = [_weighted(n, prefixes[n], c.weights, c.max_epochs, seq_length, False, "data.sources")
               for n, c in sources.items()]
     if validation:
-        held_out = [_open_source(n, SourceConfig(prefixes=p), vocab_size, 0.0, cache_dir, "data.validation", seq_length, True)
-                    for n, p in validation.items()]
-    else:  # each source's held-out documents, where they make at least one sample
-        held_out = []
-        for n, c in sources.items():
-            if any(p.samples(True, seq_length) for p in next(s for s in opened if s.name == n).prefixes):
-                held_out.append(_open_source(n, c, vocab_size, train_share, cache_dir, "data.sources", seq_length, True))
+        held_out = [_weighted(n, _open_prefixes(n, p, vocab_size, 0.0, cache_dir, "data.validation"), None, None,
+                              seq_length, True, "data.validation") for n, p in validation.items()]
+    else:  # each source's held-out documents (the same opened prefixes), where they make at least one sample
+        held_out = [_weighted(n, prefixes[n], c.weights, None, seq_length, True, "data.sources")
+                    for n, c in sources.items() if any(p.samples(True, seq_length) for p in prefixes[n])]
     names = [s.name for s in opened]
     if phases:
         weights = np.array([[p.weights.get(n, 0.0) for n in names] for p in phases])
