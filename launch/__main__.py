@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import sys
 
+from pretrain.cli import print_error
+
 USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
          "(--world-size N | --nnodes A --nproc-per-node B)")
 
@@ -131,7 +133,7 @@ def main(argv: list[str]) -> int:
     try:
         print(dry_run(args.paths[0], args.overrides, args.world_size))
     except (ConfigError, TopologyError, OSError) as err:
-        print(f"launch: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error("launch", err)
         return 1
     return 0
 

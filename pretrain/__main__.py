@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     from data.indexed import DatasetError
     from parallel.topology import TopologyError
     from pretrain import distributed
+    from pretrain.cli import print_error
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
     from pretrain.trainer import NonFiniteError, train
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
     except Exception as err:
         if debug or not isinstance(err, known):
             raise
-        print(f"{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error(who, err)
         return 1
     finally:
         distributed.shutdown()

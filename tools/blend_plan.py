@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from data.indexed import DatasetError
+from pretrain.cli import print_error
 from pretrain.config import ConfigError, load_config
 from pretrain.trainer import load_tokenizer, plan_data
 
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(paths[0] if paths else None, overrides).validate()
         plan = plan_data(cfg, load_tokenizer(cfg))
     except (ConfigError, DatasetError, ValueError, OSError) as err:
-        print(f"blend_plan: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error("blend_plan", err)
         return 1
     t = cfg.train
     print(f"{t.iters} steps x {t.global_batch_size} sequences x {cfg.model.seq_length} tokens = "

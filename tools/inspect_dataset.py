@@ -15,6 +15,8 @@ import numpy as np
 from data.indexed import check_indexed_dataset, open_indexed_dataset
 from data.tokenizers import TOOL_FLAGS, build_tokenizer
 
+from pretrain.cli import print_error
+
 SHOW_CHARS = 300
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_path, TOOL_FLAGS)
         print(describe(args.prefix, tokenizer, args.show))
     except (ValueError, OSError) as err:  # DatasetError and tokenizer errors are ValueErrors
-        print(f"inspect_dataset: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error("inspect_dataset", err)
         return 1
     return 0
 

@@ -25,6 +25,8 @@ from data.indexed import megatron_indexed, token_dtype, write_indexed_dataset
 from data.jsonl import InputError, expand_inputs, iter_lines, parse_document
 from data.tokenizers import TOOL_FLAGS, build_tokenizer
 
+from pretrain.cli import print_error
+
 BATCH_LINES = 256
 BATCH_BYTES = 1 << 20  # also close a batch at 1 MiB, so long documents still spread over the workers
 IN_FLIGHT_PER_WORKER = 4
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         stats = run(args, tokenizer)
     except (ValueError, OSError) as err:  # InputError, BadLine, DatasetError, tokenizer and file errors
-        print(f"preprocess_data: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error("preprocess_data", err)
         return 1
     seconds = time.perf_counter() - start
     shown = f" (first {min(stats.bad_lines, args.log_bad_lines)} shown above)" if stats.bad_lines else ""

@@ -15,6 +15,8 @@ from typing import Iterator
 
 from data.jsonl import InputError, expand_inputs, iter_lines, parse_document
 
+from pretrain.cli import print_error
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]  # end of document first: HFTokenizer takes it as eod
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save(tmp)
         os.replace(tmp, args.output)
     except (ValueError, OSError) as err:
-        print(f"train_tokenizer: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error("train_tokenizer", err)
         return 1
     print(f"wrote {args.output}: {tokenizer.get_vocab_size()} ids from {texts.documents} documents "
           f"({texts.bad_lines} bad lines skipped) in {time.perf_counter() - start:.1f} s")
