@@ -59,7 +59,7 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     import torch
 
     from launch.estimate import activation_bytes, human_bytes, parameters_per_tp_rank, state_bytes
-    from parallel.pipeline import bubble_fraction, stage_layers
+    from parallel.pipeline import PipelineSchedule, bubble_fraction, describe_chunks, pipeline_chunks
     from parallel.topology import Topology, describe
     from pretrain.model import GPT
     from pretrain.config import ConfigError, load_config
@@ -69,9 +69,10 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     cfg = load_config(path, overrides).validate(world_size)
     m, p, sizes = cfg.model, cfg.parallel, cfg.sizes(world_size)
     vocab_size = m.vocab_size or padded_vocab_size(load_tokenizer(cfg).vocab_size, m.vocab_multiple)
-    layers = stage_layers(m.num_layers, p.pipeline, p.first_stage_layers, p.last_stage_layers)
+    virtual = p.virtual_pipeline or 1
+    chunks = pipeline_chunks(m.num_layers, p.pipeline, virtual, p.first_stage_layers, p.last_stage_layers)
     try:
-        counts = parameters_per_tp_rank(m, vocab_size, sizes, layers)
+        counts = parameters_per_tp_rank(m, vocab_size, sizes, chunks)
     except ValueError as err:  # a weight that does not split evenly, such as the vocabulary over TP
         raise ConfigError(f"the model does not split over parallel.tensor={p.tensor}: {err}") from None
     with torch.device("meta"):
@@ -79,10 +80,16 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
 
     micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * sizes.dp)
     lines = [f"{path}: valid for {world_size} ranks", "", describe(sizes), ""]
+    schedule = PipelineSchedule(p.pipeline, micro, virtual)
     if p.pipeline > 1:
-        lines += ["pipeline stages: " + ", ".join(f"stage {s}: layers {r.start}-{r.stop - 1}" for s, r in enumerate(layers)),
-                  f"1F1B with {micro} micro-batches per step: bubble fraction (p-1)/(m+p-1) = "
-                  f"{bubble_fraction(p.pipeline, micro):.1%}", ""]
+        lines += ["pipeline: " + describe_chunks(chunks)]
+        if virtual > 1:
+            lines.append(f"interleaved 1F1B, {virtual} chunks per stage, {micro} micro-batches per step: bubble fraction "
+                         f"(p-1)/(v*m+p-1) = {bubble_fraction(p.pipeline, micro, virtual):.1%}")
+        else:
+            lines.append(f"1F1B with {micro} micro-batches per step: bubble fraction (p-1)/(m+p-1) = "
+                         f"{bubble_fraction(p.pipeline, micro):.1%}")
+        lines.append("")
     lines.append(f"parameters: {total:,} in the model (vocabulary {vocab_size}); per rank, by pipeline stage and "
                  "tensor-parallel coordinate:")
     for c in counts:
@@ -93,19 +100,19 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     element_bytes = 4 if cfg.precision.dtype == "fp32" else 2
 
     def activations(stage: int) -> float:
-        """One micro-batch through this stage's layers, times the micro-batches 1F1B keeps alive there (p - s);
-        the embedding and output terms are counted on every stage (an overestimate for middle stages)."""
-        stage_model = dataclasses.replace(m, num_layers=len(layers[stage]))
-        one = activation_bytes(stage_model, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,
+        """One micro-batch through one of this stage's chunks, times the chunks the schedule keeps alive there
+        (1F1B: p - s); the embedding and output terms are counted on every stage (an overestimate)."""
+        chunk_model = dataclasses.replace(m, num_layers=max(len(r) for r in chunks[stage]))
+        one = activation_bytes(chunk_model, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,
                                p.sequence_parallel and p.tensor > 1, element_bytes)
-        return one * min(p.pipeline - stage, micro)
+        return one * schedule.most_in_flight(stage)
 
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
         f"  fp{WEIGHT_BYTES * 8} weights, fp32 gradients, fp32 Adam states "
         + (f"sharded over DP x CP = {shards} ranks" if sharded else "not sharded (optimizer.distributed off)"),
         f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
-        "tokens, no recomputation" + (" (times the micro-batches in flight on a stage)" if p.pipeline > 1 else ""),
+        "tokens, no recomputation" + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else ""),
     ]
     for c in counts:
         parts = {**state_bytes(c.total, WEIGHT_BYTES, shards), "activations": activations(c.stage)}

@@ -44,13 +44,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes,
-                           layers: list[range] | None = None) -> list[RankParameters]:
+                           chunks: list[list[range]] | None = None) -> list[RankParameters]:
     """Build the model of one rank per (pipeline stage, tensor-parallel coordinate) on the meta device and count
-    its parameters. `layers`: the layers of each stage (default: all on one stage).
+    its parameters. `chunks`: the layers of each stage's chunks (default: all on one stage).
 
     The layers size themselves from the topology, so this counts what each rank will really allocate.
     """
-    layers = layers or [range(model_cfg.num_layers)]
+    chunks = chunks or [[range(model_cfg.num_layers)]]
     counts = []
     for ranks in group_tables(sizes)["tp"]:
         topology = Topology.build(sizes, ranks[0], create_groups=False)
@@ -59,7 +59,7 @@ def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes
         for tp_rank, rank in enumerate(ranks):
             topology = Topology.build(sizes, rank, create_groups=False)
             with torch.device("meta"):
-                model = GPT(model_cfg, vocab_size, topology, layers[topology.pp_rank])
+                model = GPT(model_cfg, vocab_size, topology, chunks[topology.pp_rank])
             counts.append(RankParameters(topology.pp_rank, tp_rank, *count_parameters(model)))
     return sorted(counts, key=lambda c: (c.stage, c.tp_rank))
 

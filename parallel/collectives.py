@@ -12,13 +12,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single
+# torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (now deprecated) to *_single
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
     """Sum the flat `x` over the group; rank r receives the r-th slice into `out`."""
     return _reduce_scatter_single(out, x, group=group, async_op=async_op)
+
+
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """Concatenate every rank's flat `x` into `out`, rank r's at the r-th slice."""
+    return _all_gather_single(out, x, group=group, async_op=async_op)
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
@@ -34,7 +40,7 @@ def all_gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     size = group_size(group)
     front = x.movedim(dim, 0).contiguous()
     out = torch.empty((size * front.shape[0],) + front.shape[1:], dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, front, group=group)
+    all_gather_into(out, front, group)
     return out.movedim(0, dim)
 
 

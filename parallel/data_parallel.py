@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import group_size, reduce_scatter_into
+from parallel.collectives import all_gather_into, group_size, reduce_scatter_into
 
 
 @dataclass
@@ -53,6 +53,9 @@ class GradBuffer:
         for p in reversed(self.params):  # roughly the order in which backward produces gradients
             if getattr(p, "tied_embedding", False):
                 continue
+            if current and getattr(p, "pipeline_chunk", 0) != getattr(current[-1], "pipeline_chunk", 0):
+                start = self._close(current, start)  # interleaved pipeline chunks finish their backward apart
+                current = []
             current.append(p)
             if sum(q.numel() for q in current) >= limit:
                 start = self._close(current, start)
@@ -91,11 +94,9 @@ class GradBuffer:
     # ------------------------------------------------------------------ during backward
 
     def start_micro_batch(self, last: bool) -> None:
-        """Reduce during this backward pass only when it is the step's last micro-batch."""
+        """Reduce during this backward pass only when it is the step's last micro-batch (with interleaved
+        pipeline chunks: each chunk's last backward)."""
         self.sync_now = last
-        if last:
-            for bucket in self.buckets:
-                bucket.pending, bucket.launched = len(bucket.params), False
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         p.main_grad.add_(p.grad)
@@ -148,7 +149,10 @@ class GradBuffer:
                     offset += v.numel()
 
     def zero(self) -> None:
+        """Start a step: empty gradients, every bucket waiting for all of its gradients."""
         self.grad.zero_()
+        for bucket in self.buckets:
+            bucket.pending, bucket.launched = len(bucket.params), False
         if self.grad_shard is not None:
             self.grad_shard.zero_()
 
@@ -263,4 +267,4 @@ class DistributedAdamW:
             if buffer.size == 1:
                 continue
             lo, hi = buffer.shard_range(bucket)
-            dist.all_gather_into_tensor(self.params[bucket.start:bucket.end], self.params[lo:hi].clone(), group=buffer.group)
+            all_gather_into(self.params[bucket.start:bucket.end], self.params[lo:hi].clone(), buffer.group)

@@ -1,147 +1,228 @@
-"""Pipeline parallelism: which layers live on which stage, the point-to-point link, and the 1F1B schedule.
+"""Pipeline parallelism: which layers live where, the order each stage runs its micro-batches in, and the
+point-to-point messages between stages.
 
-Stage s holds a contiguous block of decoder layers (the first and last stages may be given
-fewer, to balance the embedding and the output layer). Micro-batches flow forward through
-the stages and their gradients flow back. The 1F1B schedule runs, on stage s of p, p-s-1
-warm-up forwards, then alternates one forward and one backward, then drains the remaining
-backwards: a stage never holds the activations of more than p micro-batches. With one stage
-it is a plain gradient-accumulation loop (forward, backward, next micro-batch).
+The decoder layers are cut into `stages x chunks` consecutive pieces, the virtual stages. Virtual stage
+`c * stages + s` is chunk c of stage s, so with several chunks per stage (interleaving) a micro-batch
+goes round the ring of stages `chunks` times: the last stage hands chunk c's output to the first
+stage's chunk c + 1. With one chunk this is the plain pipeline.
+
+Each stage runs its forwards (F) and backwards (B) in a fixed order: `warmup` forwards, then one
+forward and one backward alternately, then the remaining backwards (1F1B). Its forwards go through
+the chunks in groups of `stages` micro-batches (chunk 0 of micro-batches 0..p-1, chunk 1 of the same,
+...), the backwards through the chunks in reverse. The warm-up of stage s, `p - s - 1 + (v - 1) p`
+forwards, is the least that keeps every stage busy: the bubble is (p - 1) / (v m + p - 1), interleaving
+divides it by about v, and a stage keeps at most warmup + 1 micro-batch chunks alive. (Megatron-LM warms
+up p - s - 1 more, to overlap its sends with compute; it has the same bubble and more memory.) With one
+stage it is a plain gradient-accumulation loop.
+
+Messages: `PipelineSchedule` plays the orders of all stages on a common clock of ticks, one action per
+stage per tick, an action running as soon as its input has arrived. Every stage then knows, for each of
+its ticks, which tensors it sends and receives; they are exchanged in one batched send/receive per tick.
+Because both ends of a message exchange it at the same tick, every send meets its receive and no
+ordering of sends can deadlock, for any order of actions that is itself valid.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 
-def stage_layers(num_layers: int, stages: int, first: Optional[int] = None, last: Optional[int] = None) -> list[range]:
-    """The global layer numbers of each stage. `first`/`last`: layers on the first/last stage (the rest
-    split evenly over the middle stages); both null: an even split. Raises ValueError naming the fields."""
-    if stages == 1:
-        return [range(num_layers)]
+def pipeline_chunks(num_layers: int, stages: int, chunks: int = 1, first: Optional[int] = None,
+                    last: Optional[int] = None) -> list[list[range]]:
+    """`result[s][c]`: the global layer numbers of chunk c of stage s. `first`/`last`: layers of the first
+    and last virtual stage (the one with the embedding, the one with the output layer), the others
+    split evenly; both null: an even split. Raises ValueError naming the fields."""
+    pieces = stages * chunks
+    what = f"parallel.pipeline={stages}" if chunks == 1 else \
+        f"parallel.pipeline x parallel.virtual_pipeline = {stages} x {chunks} = {pieces} chunks"
     if first is None and last is None:
-        if num_layers % stages:
-            raise ValueError(f"model.num_layers={num_layers} is not divisible by parallel.pipeline={stages}: "
-                             "choose a multiple, or set parallel.first_stage_layers/last_stage_layers")
-        per = num_layers // stages
-        return [range(s * per, (s + 1) * per) for s in range(stages)]
-    middle_layers = num_layers - (first or 0) - (last or 0)
-    middle = stages - (first is not None) - (last is not None)
-    if middle_layers < 0 or (middle == 0 and middle_layers) or (middle and middle_layers % middle):
-        raise ValueError(
-            f"model.num_layers={num_layers} with parallel.first_stage_layers={first} and last_stage_layers={last} "
-            f"leaves {middle_layers} layers for {middle} middle stage(s): they must split evenly"
-        )
-    per = middle_layers // middle if middle else 0
-    sizes = ([first] if first is not None else []) + [per] * middle + ([last] if last is not None else [])
+        if num_layers % pieces:
+            raise ValueError(f"model.num_layers={num_layers} is not divisible by {what}: choose a multiple, "
+                             "or set parallel.first_stage_layers/last_stage_layers")
+        sizes = [num_layers // pieces] * pieces
+    else:
+        middle_layers = num_layers - (first or 0) - (last or 0)
+        middle = pieces - (first is not None) - (last is not None)
+        if middle_layers < 0 or (middle == 0 and middle_layers) or (middle and middle_layers % middle):
+            raise ValueError(
+                f"model.num_layers={num_layers} with parallel.first_stage_layers={first} and last_stage_layers="
+                f"{last} leaves {middle_layers} layers for {middle} middle piece(s) of {what}: they must split evenly"
+            )
+        per = middle_layers // middle if middle else 0
+        sizes = ([first] if first is not None else []) + [per] * middle + ([last] if last is not None else [])
     if min(sizes) < 1:
-        raise ValueError(f"a pipeline stage would hold no layer (layers per stage {sizes}): give every stage one")
-    starts = [sum(sizes[:s]) for s in range(stages)]
-    return [range(a, a + n) for a, n in zip(starts, sizes)]
+        raise ValueError(f"a pipeline chunk would hold no layer (layers per virtual stage {sizes}) with {what}: "
+                         "give every chunk one")
+    starts = [sum(sizes[:v]) for v in range(pieces)]
+    ranges = [range(a, a + n) for a, n in zip(starts, sizes)]
+    return [[ranges[c * stages + s] for c in range(chunks)] for s in range(stages)]
 
 
-def bubble_fraction(stages: int, micro_batches: int) -> float:
-    """The idle share of a 1F1B step: (p - 1) / (m + p - 1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
+def describe_chunks(chunks: list[list[range]]) -> str:
+    """'stage 0: layers 0-1 + 4-5, stage 1: layers 2-3 + 6-7': which layers each stage holds, chunk by chunk."""
+    def span(r: range) -> str:
+        return f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start)
+    return ", ".join(f"stage {s}: layers " + " + ".join(span(r) for r in stage) for s, stage in enumerate(chunks))
+
+
+def bubble_fraction(stages: int, micro_batches: int, chunks: int = 1) -> float:
+    """The idle share of a (interleaved) 1F1B step: (p - 1) / (v m + p - 1)."""
+    return (stages - 1) / (chunks * micro_batches + stages - 1)
+
+
+@dataclass(frozen=True)
+class Action:
+    backward: bool
+    micro_batch: int
+    chunk: int
+
+
+def stage_order(stages: int, stage: int, micro_batches: int, chunks: int = 1, train: bool = True) -> list[Action]:
+    """The order in which `stage` runs its forwards and backwards (see the module docstring).
+    Interleaving needs micro_batches to be a multiple of stages (checked by the config)."""
+    total = micro_batches * chunks
+
+    def action(k: int, backward: bool) -> Action:
+        group, within = divmod(k, stages * chunks) if chunks > 1 else (0, k)
+        chunk, offset = divmod(within, stages) if chunks > 1 else (0, k)
+        return Action(backward, group * stages + offset, chunks - 1 - chunk if backward else chunk)
+
+    if not train:
+        return [action(k, False) for k in range(total)]
+    warmup = min(total, stages - stage - 1 + (chunks - 1) * stages)
+    order = [action(k, False) for k in range(warmup)]
+    for k in range(total - warmup):
+        order += [action(warmup + k, False), action(k, True)]
+    return order + [action(k, True) for k in range(total - warmup, total)]
+
+
+@dataclass
+class Tick:
+    """One stage's share of a tick: the action it runs (if any), then the messages it sends and receives,
+    each as (peer stage, the action on the receiving stage that consumes it)."""
+    clock: int
+    action: Optional[Action] = None
+    sends: list = field(default_factory=list)
+    receives: list = field(default_factory=list)
+
+
+class PipelineSchedule:
+    """The actions and messages of every stage, tick by tick, for one step (or one evaluation pass)."""
+
+    def __init__(self, stages: int, micro_batches: int, chunks: int = 1, train: bool = True):
+        self.stages, self.chunks, self.micro_batches = stages, chunks, micro_batches
+        self.orders = [stage_order(stages, s, micro_batches, chunks, train) for s in range(stages)]
+        self.ticks = self._play()
+
+    def most_in_flight(self, stage: int) -> int:
+        """The most micro-batch chunks whose activations `stage` keeps alive at once under this order."""
+        alive = most = 0
+        for action in self.orders[stage]:
+            alive += -1 if action.backward else 1
+            most = max(most, alive)
+        return most
+
+    def consumer(self, stage: int, action: Action) -> Optional[tuple[int, Action]]:
+        """Where the result of `action` goes: a forward's output to the next virtual stage's forward,
+        a backward's input gradient to the previous virtual stage's backward; None at the ends."""
+        virtual = action.chunk * self.stages + stage + (-1 if action.backward else 1)
+        if not 0 <= virtual < self.stages * self.chunks:
+            return None
+        return virtual % self.stages, Action(action.backward, action.micro_batch, virtual // self.stages)
+
+    def needs_input(self, stage: int, action: Action) -> bool:
+        virtual = action.chunk * self.stages + stage
+        return virtual != (self.stages * self.chunks - 1 if action.backward else 0)
+
+    def _play(self) -> list[list[Tick]]:
+        arrived: dict[tuple[int, Action], int] = {}  # (stage, consuming action) -> tick its input was sent
+        position = [0] * self.stages
+        ticks: list[list[Tick]] = [[] for _ in range(self.stages)]
+        clock = 0
+        while any(position[s] < len(self.orders[s]) for s in range(self.stages)):
+            now = [Tick(clock) for _ in range(self.stages)]
+            for s, order in enumerate(self.orders):
+                if position[s] == len(order):
+                    continue
+                action = order[position[s]]
+                if self.needs_input(s, action) and arrived.get((s, action), clock) >= clock:
+                    continue  # its input is not there yet
+                position[s] += 1
+                now[s].action = action
+                target = self.consumer(s, action)
+                if target is not None:
+                    now[s].sends.append(target)
+                    now[target[0]].receives.append((s, target[1]))
+            if not any(t.action for t in now):
+                raise RuntimeError(f"the pipeline orders deadlock at tick {clock}: {position}")  # a bug in stage_order
+            for s, tick in enumerate(now):
+                for peer, action in tick.sends:
+                    arrived[(peer, action)] = clock
+                if tick.action or tick.receives:
+                    ticks[s].append(tick)
+            clock += 1
+        self.length = clock
+        return ticks
 
 
 class StageLink:
-    """Sends activations to the next stage and gradients to the previous one over the pipeline group."""
+    """Batched point-to-point exchanges with other stages of this rank's pipeline group."""
 
     def __init__(self, topology, shape: tuple, dtype: torch.dtype, device: torch.device):
-        ranks = topology.members["pp"]
-        s = self.stage = topology.pp_rank
-        self.stages = len(ranks)
+        self.ranks, self.stage = topology.members["pp"], topology.pp_rank
         self.group = topology.groups["pp"]
-        self.prev = ranks[s - 1] if s > 0 else None
-        self.next = ranks[s + 1] if s < len(ranks) - 1 else None
         self.shape, self.dtype, self.device = shape, dtype, device
 
-    def _exchange(self, send: list[tuple[torch.Tensor, int]], recv_from: Optional[int]) -> Optional[torch.Tensor]:
-        ops = [dist.P2POp(dist.isend, t.contiguous(), peer, group=self.group) for t, peer in send]
-        received = None
-        if recv_from is not None:
-            received = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, received, recv_from, group=self.group))
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], sources: list[int]) -> list[torch.Tensor]:
+        """Send each (tensor, stage) and receive one tensor from each stage in `sources`, all at once."""
+        received = [torch.empty(self.shape, dtype=self.dtype, device=self.device) for _ in sources]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.ranks[s], group=self.group) for t, s in sends]
+        ops += [dist.P2POp(dist.irecv, r, self.ranks[s], group=self.group) for r, s in zip(received, sources)]
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
         return received
 
-    def recv_forward(self) -> Optional[torch.Tensor]:
-        return self._exchange([], self.prev)
 
-    def send_forward(self, output: Optional[torch.Tensor]) -> None:
-        self._exchange([(output, self.next)] if self.next is not None else [], None)
-
-    def recv_backward(self) -> Optional[torch.Tensor]:
-        return self._exchange([], self.next)
-
-    def send_backward(self, grad: Optional[torch.Tensor]) -> None:
-        self._exchange([(grad, self.prev)] if self.prev is not None else [], None)
-
-    def send_forward_recv_backward(self, output: torch.Tensor) -> Optional[torch.Tensor]:
-        return self._exchange([(output, self.next)] if self.next is not None else [], self.next)
-
-    def send_backward_recv_forward(self, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return self._exchange([(grad, self.prev)] if self.prev is not None else [], self.prev)
-
-
-def one_f_one_b(
-    forward: Callable[[int, Optional[torch.Tensor]], torch.Tensor],
-    before_backward: Callable[[int], None],
-    micro_batches: int,
+def run_schedule(
+    schedule: PipelineSchedule,
     link: StageLink,
-) -> int:
-    """Run the 1F1B schedule; returns the most micro-batches whose activations were alive at once.
+    forward: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor],
+    before_backward: Callable[[int, int], None] = lambda micro_batch, chunk: None,
+) -> tuple[list[torch.Tensor], int]:
+    """Run this stage's part of the schedule. forward(micro_batch, chunk, input) runs one chunk (input: the
+    previous virtual stage's output, None on the first) and returns its output, or on the last virtual
+    stage the loss (already divided by the number of micro-batches). before_backward(micro_batch, chunk)
+    is called before each backward pass.
 
-    forward(i, input) runs micro-batch i on this stage (input: the previous stage's output, None on
-    the first stage) and returns its output, or on the last stage its loss (already divided by the
-    number of micro-batches). before_backward(i) is called before micro-batch i's backward pass.
-    """
-    warmup = min(link.stages - link.stage - 1, micro_batches)
-    in_flight: list[tuple[int, Optional[torch.Tensor], torch.Tensor]] = []
-    most = 0
-
-    def run_forward(i: int, received: Optional[torch.Tensor]) -> torch.Tensor:
-        nonlocal most
-        if received is not None:
-            received.requires_grad_(True)
-        output = forward(i, received)
-        in_flight.append((i, received, output))
-        most = max(most, len(in_flight))
-        return output
-
-    def run_backward(grad_output: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        i, received, output = in_flight.pop(0)
-        before_backward(i)
-        torch.autograd.backward(output, grad_tensors=grad_output)
-        return None if received is None else received.grad
-
-    for i in range(warmup):
-        link.send_forward(run_forward(i, link.recv_forward()))
-    received = link.recv_forward() if warmup < micro_batches else None
-    for i in range(warmup, micro_batches):
-        output = run_forward(i, received)
-        grad_output = link.send_forward_recv_backward(output) if link.next is not None else None
-        grad_input = run_backward(grad_output)
-        if i == micro_batches - 1:
-            link.send_backward(grad_input)
-        else:
-            received = link.send_backward_recv_forward(grad_input)
-    for _ in range(warmup):
-        link.send_backward(run_backward(link.recv_backward()))
-    return most
-
-
-def forward_only(forward: Callable[[int, Optional[torch.Tensor]], torch.Tensor], micro_batches: int,
-                 link: StageLink) -> list[torch.Tensor]:
-    """Every micro-batch through this stage without gradients (evaluation); returns the last stage's outputs."""
-    outputs = []
-    for i in range(micro_batches):
-        output = forward(i, link.recv_forward())
-        link.send_forward(output)
-        outputs.append(output)
-    return outputs
+    Returns the last virtual stage's outputs in micro-batch order (empty on other stages) and the most
+    micro-batch chunks whose activations were alive at once on this stage."""
+    inbox: dict[Action, torch.Tensor] = {}
+    alive: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+    losses, most = {}, 0
+    for tick in schedule.ticks[link.stage]:
+        result = None
+        action = tick.action
+        if action is not None and not action.backward:
+            received = inbox.pop(action, None)
+            if received is not None and torch.is_grad_enabled():
+                received.requires_grad_(True)
+            result = forward(action.micro_batch, action.chunk, received)
+            if schedule.consumer(link.stage, action) is None:
+                losses[action.micro_batch] = result
+            if result.requires_grad:
+                alive[(action.micro_batch, action.chunk)] = (received, result)
+                most = max(most, len(alive))
+        elif action is not None:
+            received, output = alive.pop((action.micro_batch, action.chunk))
+            before_backward(action.micro_batch, action.chunk)
+            torch.autograd.backward(output, grad_tensors=inbox.pop(action, None))
+            result = None if received is None else received.grad
+        sends = [(result.detach(), peer) for peer, _ in tick.sends]
+        for (_, consumer), tensor in zip(tick.receives, link.exchange(sends, [peer for peer, _ in tick.receives])):
+            inbox[consumer] = tensor
+    return [losses[i] for i in sorted(losses)], most

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from data.blend import PhaseConfig, SourceConfig, phase_boundaries
-from parallel.pipeline import stage_layers
+from parallel.pipeline import pipeline_chunks
 from parallel.topology import Sizes, TopologyError
 
 
@@ -312,10 +312,11 @@ class Config:
         except TopologyError as err:
             e.add(str(err))
             return
-        if p.virtual_pipeline:
-            e.add("parallel.virtual_pipeline: interleaved pipeline schedules are not available yet; remove it")
+        if (p.virtual_pipeline or 1) > 1 and p.pipeline == 1:
+            e.add(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1: interleaving splits "
+                  "each pipeline stage into chunks; remove it or use more stages")
         try:
-            stage_layers(m.num_layers, p.pipeline, p.first_stage_layers, p.last_stage_layers)
+            pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, p.first_stage_layers, p.last_stage_layers)
         except ValueError as err:
             e.add(str(err))
         if p.expert > 1 or (p.expert_tensor or p.tensor) != p.tensor:
@@ -346,6 +347,14 @@ class Config:
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
                 f"{t.micro_batch_size} x data-parallel size {sizes.dp} = {per_step}: "
                 f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} or a smaller micro-batch"
+            )
+        elif (p.virtual_pipeline or 1) > 1 and (t.global_batch_size // per_step) % p.pipeline:
+            micro = t.global_batch_size // per_step
+            e.add(
+                f"train.global_batch_size={t.global_batch_size} gives {micro} micro-batches per data-parallel rank "
+                f"(micro_batch_size {t.micro_batch_size} x DP{sizes.dp}), not a multiple of parallel.pipeline="
+                f"{p.pipeline}: the interleaved schedule (parallel.virtual_pipeline) runs micro-batches in groups "
+                f"of one per stage; use a global batch of {(micro // p.pipeline + 1) * p.pipeline * per_step}"
             )
 
     def _validate_data(self, e: "_Errors") -> None:

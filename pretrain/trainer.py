@@ -20,7 +20,7 @@ from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import build_tokenizer
 from parallel.context_parallel import split_sequence
 from parallel.data_parallel import DistributedAdamW, GradBuffer, PlainAdamW
-from parallel.pipeline import StageLink, forward_only, one_f_one_b, stage_layers
+from parallel.pipeline import PipelineSchedule, StageLink, describe_chunks, pipeline_chunks, run_schedule
 from parallel.topology import Topology
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
@@ -95,6 +95,9 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids")
         self.cfg = cfg = cfg.resolved(vocab_size)
         self.vocab_size = vocab_size
+        p = cfg.parallel
+        self.chunks = pipeline_chunks(cfg.model.num_layers, p.pipeline, p.virtual_pipeline or 1, p.first_stage_layers,
+                                      p.last_stage_layers)
 
         self.ckpt_dir = cfg.checkpoint_dir
         checkpoint.check_writable(self.ckpt_dir)
@@ -115,12 +118,14 @@ class Trainer:
         self.plan, self.data = distributed.rank0_first(lambda: self._build_data(eval_samples))
 
         torch.manual_seed(cfg.run.seed)
-        p = cfg.parallel
-        self.layers = stage_layers(cfg.model.num_layers, p.pipeline, p.first_stage_layers, p.last_stage_layers)
-        self.model = GPT(cfg.model, vocab_size, topology, self.layers[topology.pp_rank]).to(self.device)
+        chunks = len(self.chunks[0])
+        self.model = GPT(cfg.model, vocab_size, topology, self.chunks[topology.pp_rank]).to(self.device)
         local_tokens = cfg.model.seq_length // topology.cp // (topology.tp if topology.sequence_parallel else 1)
         self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size), torch.float32,
                               self.device)
+        micro_batches = t.global_batch_size // (t.micro_batch_size * topology.dp)
+        self.schedule = PipelineSchedule(topology.pp, micro_batches, chunks)
+        self.eval_schedule = PipelineSchedule(topology.pp, micro_batches, chunks, train=False)
         self.most_in_flight = 0
         self.model.init_parameters(cfg.run.seed)
         self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
@@ -145,8 +150,8 @@ class Trainer:
     def layout(self) -> dict:
         """What the shards of a checkpoint depend on: the parallel layout and how optimizer states are sharded."""
         o, p = self.cfg.optimizer, self.cfg.parallel
-        return {**self.topology.layout(), "distributed_optimizer": o.distributed,
-                "grad_bucket_mb": p.grad_bucket_mb if o.distributed else None}
+        return {**self.topology.layout(), "pipeline_layers": describe_chunks(self.chunks),
+                "distributed_optimizer": o.distributed, "grad_bucket_mb": p.grad_bucket_mb if o.distributed else None}
 
     def _build_data(self, eval_samples: int) -> tuple[DataPlan, TrainingStreams]:
         plan = plan_data(self.cfg, self.tokenizer)
@@ -161,19 +166,19 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def stage_forward(self, tokens: torch.Tensor, received: torch.Tensor | None) -> torch.Tensor:
-        """This stage's part of a micro-batch [batch, seq + 1]: the first stage starts from its token ids, the
-        others from the hidden states `received` from the previous stage; the last stage returns the mean
-        next-token loss of this rank's tokens, the others their hidden states. Under context parallelism a
-        rank holds two chunks of every sequence, at their true positions."""
+    def stage_forward(self, tokens: torch.Tensor, received: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
+        """One of this stage's chunks on a micro-batch [batch, seq + 1]: the first chunk of the model starts
+        from its token ids, the others from the hidden states `received` from the previous one; the last
+        returns the mean next-token loss of this rank's tokens, the others their hidden states. Under
+        context parallelism a rank holds two pieces of every sequence, at their true positions."""
         tp = self.topology
         tokens = tokens.to(self.device, non_blocking=True)
         ids, labels = tokens[:, :-1], tokens[:, 1:]
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         ids, labels, positions = (split_sequence(x, tp.cp_rank, tp.cp) for x in (ids, labels, positions))
         with self.autocast():
-            output = self.model(ids if tp.is_first_stage else received, positions)
-        return next_token_loss(output, labels, tp) if tp.is_last_stage else output
+            output = self.model(ids if self.model.starts_model(chunk) else received, positions, chunk)
+        return next_token_loss(output, labels, tp) if self.model.ends_model(chunk) else output
 
     def stage_mean(self, total: torch.Tensor) -> float:
         """A loss summed on the last stage, averaged over DP x CP and sent to every stage."""
@@ -213,22 +218,17 @@ class Trainer:
         micro_batches = self.loader.next_step()
         self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
-        total = torch.zeros((), device=self.device)
         count = len(micro_batches)
 
-        def forward(i: int, received):
-            nonlocal total
-            output = self.stage_forward(micro_batches[i], received)
-            if self.topology.is_last_stage:
-                output = output / count
-                total += output.detach()
-            return output
+        def forward(i: int, chunk: int, received):
+            output = self.stage_forward(micro_batches[i], received, chunk)
+            return output / count if self.model.ends_model(chunk) else output  # the loss: a mean over micro-batches
 
-        self.most_in_flight = one_f_one_b(
-            forward, lambda i: self.grads.start_micro_batch(last=i == count - 1), count, self.link
+        losses, self.most_in_flight = run_schedule(
+            self.schedule, self.link, forward, lambda i, chunk: self.grads.start_micro_batch(last=i == count - 1)
         )
         self.grads.finish()
-        return self.stage_mean(total)
+        return self.stage_mean(sum(loss.detach() for loss in losses) if losses else torch.zeros((), device=self.device))
 
     def check_token_range(self, micro_batches: list[torch.Tensor]) -> None:
         """Ids outside the vocabulary mean data made with another tokenizer; say so (on every rank together)
@@ -269,9 +269,9 @@ class Trainer:
             batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
                                         tp.dp_rank, tp.dp))
             self.check_token_range(batches)
-            outputs = forward_only(lambda i, received: self.stage_forward(batches[i], received), len(batches),
-                                   self.link)
-            total = sum(outputs) / len(outputs) if tp.is_last_stage else torch.zeros((), device=self.device)
+            outputs, _ = run_schedule(self.eval_schedule, self.link,
+                                      lambda i, chunk, received: self.stage_forward(batches[i], received, chunk))
+            total = sum(outputs) / len(outputs) if outputs else torch.zeros((), device=self.device)
             by_source[stream.name] = self.stage_mean(total)
         self.model.train()
         return by_source
@@ -310,8 +310,7 @@ class Trainer:
             + (", distributed optimizer" if self.cfg.optimizer.distributed else ""),
         ]
         if self.topology.pp > 1:
-            lines.append("pipeline stages (layers): " + ", ".join(
-                f"{s}: {r.start}-{r.stop - 1}" for s, r in enumerate(self.layers)))
+            lines.append("pipeline: " + describe_chunks(self.chunks))
         if not self.data.validation and self.cfg.eval.interval:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:

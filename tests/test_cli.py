@@ -76,8 +76,8 @@ def test_a_short_run_end_to_end(tmp_path, tiny_corpus):
 
 
 def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):
-    """The real launcher: 4 ranks (TP2 with SP x CP2, distributed optimizer sharded over CP) under torchrun
-    write the losses of one rank."""
+    """The real launcher: 4 ranks (2 interleaved pipeline stages of 2 chunks x CP2, distributed optimizer sharded
+    over CP) under torchrun write the losses of one rank."""
     import json
     import shutil
 
@@ -85,13 +85,14 @@ def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
     args = tiny_args(tmp_path, tiny_corpus) + ["train.iters=4", "train.global_batch_size=4", "logging.interval=1",
-                                               "model.num_attention_heads=4", "model.num_query_groups=2"]
+                                               "model.num_attention_heads=4", "model.num_query_groups=2",
+                                               "model.num_layers=4", "train.micro_batch_size=2"]
     single = run(*args, f"run.dir={tmp_path}/one")
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "4", "-m", "pretrain", *args, f"run.dir={tmp_path}/four",
-         "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "optimizer.distributed=true"],
+         "parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.context=2", "optimizer.distributed=true"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

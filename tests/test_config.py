@@ -79,13 +79,26 @@ def test_all_problems_reported_at_once():
         (8, ["parallel.tensor=2", "parallel.context=2", "model.seq_length=100"], "2 x parallel.context x parallel.tensor = 8"),
         (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=101"], "(sequence parallelism)"),
         (2, ["parallel.pipeline=2", "model.num_layers=3"], "model.num_layers=3 is not divisible by parallel.pipeline=2"),
-        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], "interleaved pipeline schedules are not available"),
-        (4, ["parallel.pipeline=4", "parallel.first_stage_layers=3"], "leaves 1 layers for 3 middle stage(s)"),
+        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=6"],
+         "model.num_layers=6 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 2 x 2 = 4 chunks"),
+        (1, ["parallel.virtual_pipeline=2"], "parallel.virtual_pipeline=2 needs parallel.pipeline > 1"),
+        (4, ["parallel.pipeline=4", "parallel.first_stage_layers=3"], "leaves 1 layers for 3 middle piece(s)"),
+        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "parallel.first_stage_layers=2"],
+         "leaves 2 layers for 3 middle piece(s) of parallel.pipeline x parallel.virtual_pipeline"),
     ],
 )
 def test_impossible_layouts_name_the_fields(world, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides + ["train.global_batch_size=64"]).validate(world_size=world)
+
+
+def test_interleaving_needs_micro_batches_in_groups_of_stages():
+    base = ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "train.micro_batch_size=2"]
+    load_config(None, base + ["train.global_batch_size=8"]).validate(world_size=4)  # 2 micro-batches per DP rank
+    with pytest.raises(ConfigError, match=re.escape("gives 3 micro-batches per data-parallel rank")) as err:
+        load_config(None, base + ["train.global_batch_size=12"]).validate(world_size=4)
+    assert "parallel.pipeline=2" in str(err.value) and "use a global batch of 16" in str(err.value)
+    load_config(None, base[:1] + base[2:] + ["train.global_batch_size=12"]).validate(world_size=4)  # plain 1F1B: any count
 
 
 def test_global_batch_checked_against_data_parallel_size():

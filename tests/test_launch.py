@@ -170,10 +170,24 @@ def test_dry_run_shows_pipeline_stages_and_the_bubble(capsys):
     code, out, err = dry_run(capsys, "parallel.pipeline=2", "parallel.tensor=2", "model.num_layers=6",
                              "parallel.first_stage_layers=2", "train.global_batch_size=32", "--world-size", "8")
     assert code == 0, err
-    assert "pipeline stages: stage 0: layers 0-1, stage 1: layers 2-5" in out
+    assert "pipeline: stage 0: layers 0-1, stage 1: layers 2-5" in out
     assert "bubble fraction (p-1)/(m+p-1) = 33.3%" in out  # 32 sequences / (8 x DP2) = 2 micro-batches: 1/3
     stage_lines = [line for line in out.splitlines() if line.startswith("  stage ") and "replicated" in line]
     assert len(stage_lines) == 4
+
+
+def test_dry_run_shows_interleaved_chunks_and_their_bubble(capsys):
+    code, out, err = dry_run(capsys, "parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=8",
+                             "train.global_batch_size=128", "--world-size", "8")
+    assert code == 0, err
+    assert "pipeline: stage 0: layers 0-1 + 4-5, stage 1: layers 2-3 + 6-7" in out
+    assert "interleaved 1F1B, 2 chunks per stage, 4 micro-batches per step: bubble fraction (p-1)/(v*m+p-1) = 11.1%" in out
+
+
+def test_dry_run_refuses_interleaving_with_too_few_micro_batches(capsys):
+    code, _, err = dry_run(capsys, "parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=8",
+                           "train.global_batch_size=96", "--world-size", "8")
+    assert code == 1 and "gives 3 micro-batches per data-parallel rank" in err and "parallel.pipeline=2" in err
 
 
 def test_dry_run_refuses_layers_that_do_not_split_into_stages(capsys):

@@ -31,7 +31,8 @@ def norm_of_ones(rank, world, cfg):
 
 @pytest.mark.parametrize("layout", [
     TP2_CP2_DP2, TP2_CP2_DP2 + ["optimizer.distributed=true"],
-    ["parallel.pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true", "optimizer.distributed=true"],
+    ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true",
+     "optimizer.distributed=true"],
 ])
 def test_gradient_norm_counts_every_parameter_once(tmp_path, tiny_corpus, layout):
     cfg = layout_config(tmp_path, tiny_corpus, *layout, "model.gpas.enabled=true")
@@ -91,14 +92,14 @@ def count_collectives(rank, world, cfg):
 
     import parallel.collectives as coll
 
-    originals = (dist.all_reduce, dist.all_gather_into_tensor, coll._reduce_scatter_single)
+    originals = (dist.all_reduce, coll._all_gather_single, coll._reduce_scatter_single)
     try:
         dist.all_reduce = counting("all_reduce", originals[0], 0)
-        dist.all_gather_into_tensor = counting("all_gather", originals[1], 1)
+        coll._all_gather_single = counting("all_gather", originals[1], 1)
         coll._reduce_scatter_single = counting("reduce_scatter", originals[2], 1)
         trainer.train_step()
     finally:
-        dist.all_reduce, dist.all_gather_into_tensor, coll._reduce_scatter_single = originals
+        dist.all_reduce, coll._all_gather_single, coll._reduce_scatter_single = originals
     sequence_parallel = sum(v.numel() for _, v in trainer.grads.owned(lambda p: getattr(p, "sequence_parallel", False)))
     return moved, trainer.grads.grad.numel(), sequence_parallel
 
@@ -139,7 +140,8 @@ def train_and_report(rank, world, cfg):
 
 @pytest.mark.parametrize("layout", [
     TP2_CP2_DP2[:2] + ["optimizer.distributed=true"],
-    ["parallel.pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true", "model.gpas.enabled=true"],
+    ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true",
+     "model.gpas.enabled=true"],
 ])
 def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path, tiny_corpus, layout):
     extra = ("train.iters=6", "logging.interval=1", "eval.interval=3", "eval.iters=1")
@@ -165,6 +167,10 @@ def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path
     with pytest.raises(CheckpointError, match="parallel layout"):
         Trainer(layout_config(tmp_path / "part", tiny_corpus, *extra, "train.iters=9",
                               *[o for o in layout if o.startswith("model.")]))
+    if "parallel.virtual_pipeline=2" in layout:  # the same ranks, the layers cut into other stages
+        plain = [o for o in layout if not o.startswith("parallel.virtual")]
+        with pytest.raises(AssertionError, match="pipeline_layers"):
+            run_ranks(8, train_and_report, layout_config(tmp_path / "part", tiny_corpus, *plain, *extra, "train.iters=9"))
 
 
 def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):

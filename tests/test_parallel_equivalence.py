@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_config
 from multirank import run_ranks
-from parallel.collectives import all_gather_dim
+from parallel.collectives import all_gather_dim, all_gather_into
 from pretrain.trainer import Trainer
 
 STEPS = 10
@@ -34,8 +34,7 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     if buffer.shard:
         reduced = torch.empty_like(buffer.grad)
         for bucket in buffer.buckets:
-            torch.distributed.all_gather_into_tensor(reduced[bucket.start:bucket.end], buffer._shard_view(bucket),
-                                                     group=buffer.group)
+            all_gather_into(reduced[bucket.start:bucket.end], buffer._shard_view(bucket), buffer.group)
     out = {}
     for name, p in trainer.model.named_parameters():
         a, b = buffer.bucket_of[p].ranges[p]
@@ -84,6 +83,10 @@ LAYOUTS = {
     "PP2": (2, ["parallel.pipeline=2"]),
     "PP4": (4, ["parallel.pipeline=4"]),
     "PP3 uneven 1+2+1": (3, ["parallel.pipeline=3", "parallel.first_stage_layers=1", "parallel.last_stage_layers=1"]),
+    "PP2 interleaved, 2 chunks": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "PP2xDP2 interleaved, distributed optimizer, small buckets": (4, [
+        "parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.distributed=true",
+        "parallel.grad_bucket_mb=0.005"]),
     "PP2xTP2xDP2 SP": (8, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "PP2xCP2xDP2 distributed optimizer": (8, ["parallel.pipeline=2", "parallel.context=2", "optimizer.distributed=true"]),
     "TP2xCP2xDP2 SP distributed optimizer, small buckets": (8, [
@@ -96,7 +99,7 @@ MODELS = {"": (), "tied+gpas+gelu": ("model.tie_embeddings=true", "model.gpas.en
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, model):
-    if model and layout not in ("TP2+SP", "TP2xCP2xDP2 SP", "PP2", "PP2xTP2xDP2 SP"):
+    if model and layout not in ("TP2+SP", "TP2xCP2xDP2 SP", "PP2", "PP2 interleaved, 2 chunks", "PP2xTP2xDP2 SP"):
         pytest.skip("the model variants run on the layouts that exercise every replicated or tied weight")
     world, overrides = LAYOUTS[layout]
     expected = reference(*MODELS[model])
@@ -115,9 +118,11 @@ def test_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, model
     assert all(r["losses"] == got["losses"] for r in results)  # every rank reports the same loss
 
 
-@pytest.mark.parametrize("stages", [2, 4])
-def test_1f1b_holds_at_most_as_many_micro_batches_as_stages(tmp_path, tiny_corpus, stages):
-    """Activation memory is bounded: stage s of p keeps at most p - s micro-batches alive (8 per step here)."""
-    cfg = layout_config(tmp_path, tiny_corpus, f"parallel.pipeline={stages}", "train.micro_batch_size=1")
+@pytest.mark.parametrize("stages, chunks", [(2, 1), (4, 1), (2, 2)])
+def test_1f1b_bounds_the_micro_batches_in_flight(tmp_path, tiny_corpus, stages, chunks):
+    """Activation memory is bounded: stage s of p keeps at most p - s micro-batches alive (8 per step here);
+    interleaved over v chunks, at most p - s + (v - 1) p micro-batch chunks, each 1/v of the stage."""
+    cfg = layout_config(tmp_path, tiny_corpus, f"parallel.pipeline={stages}", f"parallel.virtual_pipeline={chunks}",
+                        "train.micro_batch_size=1")
     results = run_ranks(stages, run_layout, cfg)
-    assert [r["in_flight"] for r in results] == [stages - s for s in range(stages)]
+    assert [r["in_flight"] for r in results] == [stages - s + (chunks - 1) * stages for s in range(stages)]

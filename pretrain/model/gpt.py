@@ -128,12 +128,14 @@ class TransformerLayer(nn.Module):
 
 
 class GPT(nn.Module):
-    """The model, or under pipeline parallelism one stage of it: `layers` are the global numbers of the
-    decoder layers this stage holds (parameter names keep them: `layers.7.mlp.up.weight` on any stage).
-    The first stage embeds, the last one normalises and projects to the vocabulary; with tied embeddings
-    the last stage holds its own copy of the embedding table, kept equal through the embedding group."""
+    """The model, or under pipeline parallelism one stage of it: `chunks` are the global numbers of the
+    decoder layers of each of this stage's chunks (one chunk without interleaving). Parameter names keep
+    the global numbers (`layers.7.mlp.up.weight` on any stage). The first chunk of the first stage
+    embeds, the last chunk of the last stage normalises and projects to the vocabulary; with tied
+    embeddings the last stage holds its own copy of the embedding table, kept equal through the
+    embedding group."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, layers: range | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, chunks: list[range] | None = None):
         super().__init__()
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -143,32 +145,44 @@ class GPT(nn.Module):
         if self.first or (self.last and cfg.tie_embeddings):
             self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp)
             self.embedding.weight.tied_embedding = cfg.tie_embeddings and topology.pp > 1
-        layers = range(cfg.num_layers) if layers is None else layers
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology) for i in layers})
+        self.chunks = [[str(i) for i in layers] for layers in (chunks or [range(cfg.num_layers)])]
+        self.layers = nn.ModuleDict({i: TransformerLayer(cfg, topology) for layers in self.chunks for i in layers})
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology) if self.last else None
         self.output = None
         if self.last and not cfg.tie_embeddings:
             self.output = ColumnParallelLinear(cfg.hidden_size, vocab_size, topology, sp)
+        chunk_of = {i: c for c, layers in enumerate(self.chunks) for i in layers}
+        for name, param in self.named_parameters():  # gradient buckets do not span chunks: each finishes on its own
+            first_chunk = name.startswith("embedding.") and self.first
+            param.pipeline_chunk = chunk_of[name.split(".")[1]] if name.startswith("layers.") else \
+                0 if first_chunk else len(self.chunks) - 1
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """First stage: token ids [batch, seq]; later stages: the previous stage's hidden states.
-        Last stage: logits [batch, seq, vocab / TP] (this rank's vocabulary slice); others: hidden states.
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        """Runs one chunk of this stage. The first chunk of the first stage takes token ids [batch, seq],
+        the others the previous chunk's hidden states. The last chunk of the last stage returns logits
+        [batch, seq, vocab / TP] (this rank's vocabulary slice), the others hidden states.
 
         `positions` [batch, seq]: the global positions of the tokens (context parallelism holds
         chunks of each sequence); by default 0..seq-1 (first stage only)."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
-        if self.first:
+        if self.starts_model(chunk):
             x = self.embedding(x)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin, positions)
-        if not self.last:
+        for i in self.chunks[chunk]:
+            x = self.layers[i](x, cos, sin, positions)
+        if not self.ends_model(chunk):
             return x
         x = self.final_norm(x)
         if self.output is not None:
             return self.output(x)
         return F.linear(enter_tensor_parallel(x, self.topology, self.topology.sequence_parallel), self.embedding.weight)
+
+    def starts_model(self, chunk: int) -> bool:
+        return self.first and chunk == 0
+
+    def ends_model(self, chunk: int) -> bool:
+        return self.last and chunk == len(self.chunks) - 1
 
     def gpas_scales(self) -> dict[str, float]:
         """1 - silu(a) of each of this stage's layers, by global layer number."""
