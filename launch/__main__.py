@@ -62,7 +62,8 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     from parallel.pipeline import PipelineSchedule, bubble_fraction, describe_chunks, pipeline_chunks
     from parallel.topology import Topology, describe
     from pretrain.model import GPT
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError
+    from pretrain.config_loading import load_config
     from pretrain.model import padded_vocab_size
     from pretrain.trainer import load_tokenizer
 
@@ -93,7 +94,9 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     lines.append(f"parameters: {total:,} in the model (vocabulary {vocab_size}); per rank, by pipeline stage and "
                  "tensor-parallel coordinate:")
     for c in counts:
-        lines.append(f"  {_where(c, p.pipeline)}: {c.total:,} ({c.split:,} tensor-parallel + {c.replicated:,} replicated)")
+        experts = f" + {c.expert:,} expert" if c.expert else ""
+        lines.append(f"  {_where(c, p.pipeline)}: {c.total:,} ({c.split:,} tensor-parallel{experts} + {c.replicated:,} "
+                     "replicated)")
 
     sharded = cfg.optimizer.distributed
     shards = sizes.dp * sizes.cp if sharded else 1
@@ -110,12 +113,15 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
         f"  fp{WEIGHT_BYTES * 8} weights, fp32 gradients, fp32 Adam states "
-        + (f"sharded over DP x CP = {shards} ranks" if sharded else "not sharded (optimizer.distributed off)"),
+        + (f"sharded over DP x CP = {shards} ranks" + (f" (experts: over EDP = {sizes.edp})" if m.moe.num_experts else "")
+           if sharded else "not sharded (optimizer.distributed off)"),
         f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
         "tokens, no recomputation" + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else ""),
     ]
     for c in counts:
-        parts = {**state_bytes(c.total, WEIGHT_BYTES, shards), "activations": activations(c.stage)}
+        dense = state_bytes(c.total - c.expert, WEIGHT_BYTES, shards)
+        experts = state_bytes(c.expert, WEIGHT_BYTES, sizes.edp if sharded else 1)
+        parts = {**{k: dense[k] + experts[k] for k in dense}, "activations": activations(c.stage)}
         terms = " + ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
         lines.append(f"  {_where(c, p.pipeline)}: {terms} = {human_bytes(sum(parts.values()))}")
     return "\n".join(lines)

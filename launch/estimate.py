@@ -25,22 +25,26 @@ class RankParameters:
     stage: int
     tp_rank: int
     split: int  # elements of this rank's slices of the tensor-parallel weights
-    replicated: int  # elements every tensor-parallel rank holds in full (norms, GPAS gates, row-parallel biases)
+    replicated: int  # elements every tensor-parallel rank holds in full (norms, GPAS gates, routers)
+    expert: int = 0  # elements of this rank's experts (E / EP of them, split over ETP)
 
     @property
     def total(self) -> int:
-        return self.split + self.replicated
+        return self.split + self.replicated + self.expert
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(split, replicated) elements of a model: tensor-parallel layers mark their weights with `partition_dim`."""
-    split = replicated = 0
+def count_parameters(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(split, replicated, expert) elements of a model: tensor-parallel layers mark their weights with
+    `partition_dim`, experts with `expert`."""
+    split = replicated = expert = 0
     for param in model.parameters():
-        if getattr(param, "partition_dim", None) is None:
+        if getattr(param, "expert", False):
+            expert += param.numel()
+        elif getattr(param, "partition_dim", None) is None:
             replicated += param.numel()
         else:
             split += param.numel()
-    return split, replicated
+    return split, replicated, expert
 
 
 def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes,

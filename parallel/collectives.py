@@ -122,3 +122,102 @@ def gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceScatterAlong.apply(x, dim, group)
+
+
+# Uneven ("v") collectives over rows (dim 0). gloo has no uneven all-gather or reduce-scatter, so both are
+# built from the even ones: every rank's part is padded to the largest, exchanged, and trimmed. The sizes
+# (a list of ints) must be the same on every rank of the group.
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x.contiguous()
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])])
+
+
+def all_gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows, rank r contributing `sizes[r]` (no autograd)."""
+    if group_size(group) == 1:
+        return x
+    most = max(sizes)
+    out = x.new_empty((len(sizes) * most,) + x.shape[1:])
+    all_gather_into(out, _pad_rows(x, most), group)
+    if all(size == most for size in sizes):
+        return out
+    return torch.cat([out[r * most:r * most + size] for r, size in enumerate(sizes)])
+
+
+def reduce_scatter_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Sum `x` (sum(sizes) rows) over the group; rank r keeps its `sizes[r]` rows (no autograd)."""
+    if group_size(group) == 1:
+        return x
+    most = max(sizes)
+    padded = torch.cat([_pad_rows(part, most) for part in x.split(sizes)])
+    out = x.new_empty((most,) + x.shape[1:])
+    reduce_scatter_into(out, padded, group)
+    return out[:sizes[group_rank(group)]]
+
+
+def all_to_all_rows(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Send rows `input_splits[r]` of `x` (in order) to rank r; receive `output_splits[r]` rows from rank r
+    (no autograd). Uneven splits work on gloo and NCCL alike."""
+    if group_size(group) == 1:
+        return x
+    out = x.new_empty((sum(output_splits),) + x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    return out
+
+
+class _AllToAllV(torch.autograd.Function):
+    """Forward: all-to-all of rows. Backward: the same with the splits swapped (every row goes back home)."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        return all_to_all_rows(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return all_to_all_rows(grad, input_splits, output_splits, ctx.group), None, None, None
+
+
+class _AllGatherV(torch.autograd.Function):
+    """Forward: uneven all-gather of rows. Backward: uneven reduce-scatter (every rank used every row)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return all_gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_rows(grad, ctx.sizes, ctx.group), None, None
+
+
+class _ReduceScatterV(torch.autograd.Function):
+    """Forward: uneven reduce-scatter of rows. Backward: uneven all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return reduce_scatter_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_rows(grad, ctx.sizes, ctx.group), None, None
+
+
+def all_to_all_v(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Rows of `x` split by `input_splits` go to the group's ranks; returns the rows received, by source rank."""
+    return x if group_size(group) == 1 else _AllToAllV.apply(x, output_splits, input_splits, group)
+
+
+def all_gather_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's rows concatenated in group order (rank r has `sizes[r]` rows)."""
+    return x if group_size(group) == 1 else _AllGatherV.apply(x, sizes, group)
+
+
+def reduce_scatter_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """`x` (sum(sizes) rows) summed over the group; this rank keeps rows [offset_r, offset_r + sizes[r])."""
+    return x if group_size(group) == 1 else _ReduceScatterV.apply(x, sizes, group)

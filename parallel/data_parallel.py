@@ -10,8 +10,9 @@ marked `sequence_parallel` (norms, GPAS gates under SP) saw only this rank's tok
 are summed over TP afterwards.
 
 The distributed optimizer (ZeRO-1) keeps the parameters in a flat buffer laid out like the
-gradients; rank r of the DP x CP group owns the r-th slice of every bucket, steps AdamW on
-that slice only (so Adam states are sharded), and all-gathers the updated parameters.
+gradients; rank r of a bucket's replica group (DP x CP, or EDP for expert weights) owns the r-th
+slice of the bucket, steps AdamW on that slice only (so Adam states are sharded), and all-gathers
+the updated parameters.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class Bucket:
     params: list
     start: int  # range in the flat buffers, padded to a multiple of the group size
     end: int
+    group: object  # the replicas it is reduced over: DP x CP for dense weights, EDP for experts
+    size: int
+    rank: int  # this rank's index in `group`
+    shard_start: int = 0  # where this rank's slice lives in the shard buffer
     pending: int = 0
     handle: object = None
     launched: bool = False
@@ -38,35 +43,46 @@ class Bucket:
 
 
 class GradBuffer:
-    """Contiguous gradient buffer in buckets; reduces each bucket over DP x CP as soon as it is complete."""
+    """Contiguous gradient buffer in buckets; reduces each bucket over its replicas as soon as it is complete.
+
+    Expert weights (`param.expert`) are replicated over the expert-data-parallel group (EDP), the others
+    over DP x CP: they get buckets of their own. Both are scaled by 1 / (DP * CP): an expert has already
+    summed the gradients of every token sent to it from its EP x ETP peers, so the sum over EDP covers
+    each token of the stage once, and the mean over the DP x CP loss replicas needs that factor."""
 
     def __init__(self, model: torch.nn.Module, topology, bucket_mb: float = 25.0, shard: bool = False):
         self.topology, self.shard = topology, shard
-        self.group = topology.dp_cp_group
-        self.size = group_size(self.group)
-        self.rank = topology.coords["dp_cp"]
+        self.grad_scale = 1.0 / (topology.dp * topology.cp)
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
-        self.buckets, start, current = [], 0, []
+        self.buckets, start = [], 0
         limit = int(bucket_mb * 2**20 / 4)
+        replicas = {False: (topology.dp_cp_group, topology.coords["dp_cp"]),
+                    True: (topology.groups["edp"], topology.coords["edp"])}
+        for expert in (False, True):
+            current = []
+            for p in reversed(self.params):  # roughly the order in which backward produces gradients
+                if getattr(p, "tied_embedding", False) or getattr(p, "expert", False) != expert:
+                    continue
+                if current and getattr(p, "pipeline_chunk", 0) != getattr(current[-1], "pipeline_chunk", 0):
+                    start = self._close(current, start, *replicas[expert])  # interleaved chunks finish apart
+                    current = []
+                current.append(p)
+                if sum(q.numel() for q in current) >= limit:
+                    start = self._close(current, start, *replicas[expert])
+                    current = []
+            if current:
+                start = self._close(current, start, *replicas[expert])
         tied = [p for p in self.params if getattr(p, "tied_embedding", False)]
-        for p in reversed(self.params):  # roughly the order in which backward produces gradients
-            if getattr(p, "tied_embedding", False):
-                continue
-            if current and getattr(p, "pipeline_chunk", 0) != getattr(current[-1], "pipeline_chunk", 0):
-                start = self._close(current, start)  # interleaved pipeline chunks finish their backward apart
-                current = []
-            current.append(p)
-            if sum(q.numel() for q in current) >= limit:
-                start = self._close(current, start)
-                current = []
-        if current:
-            start = self._close(current, start)
         if tied:
-            start = self._close(tied, start)
+            start = self._close(tied, start, *replicas[False])
             self.buckets[-1].deferred = True
         self.grad = torch.zeros(start, dtype=torch.float32, device=device)
-        self.grad_shard = torch.zeros(start // self.size, dtype=torch.float32, device=device) if shard else None
+        shard_size = 0
+        for bucket in self.buckets:
+            bucket.shard_start = shard_size
+            shard_size += (bucket.end - bucket.start) // bucket.size
+        self.grad_shard = torch.zeros(shard_size, dtype=torch.float32, device=device) if shard else None
         self.bucket_of = {}
         for bucket in self.buckets:
             for p in bucket.params:
@@ -76,20 +92,21 @@ class GradBuffer:
                 p.register_post_accumulate_grad_hook(self._on_grad)
         self.sync_now = True
 
-    def _close(self, params: list, start: int) -> int:
-        bucket = Bucket(params, start, start)
+    def _close(self, params: list, start: int, group, rank: int) -> int:
+        size = group_size(group)
+        bucket = Bucket(params, start, start, group, size, rank)
         offset = start
         for p in params:
             bucket.ranges[p] = (offset, offset + p.numel())
             offset += p.numel()
-        bucket.end = start + math.ceil((offset - start) / self.size) * self.size if self.shard else offset
+        bucket.end = start + math.ceil((offset - start) / size) * size if self.shard else offset
         self.buckets.append(bucket)
         return bucket.end
 
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """This rank's slice of a bucket, in flat-buffer coordinates."""
-        chunk = (bucket.end - bucket.start) // self.size
-        return bucket.start + self.rank * chunk, bucket.start + (self.rank + 1) * chunk
+        chunk = (bucket.end - bucket.start) // bucket.size
+        return bucket.start + bucket.rank * chunk, bucket.start + (bucket.rank + 1) * chunk
 
     # ------------------------------------------------------------------ during backward
 
@@ -109,19 +126,21 @@ class GradBuffer:
 
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched = True
-        if self.size == 1:
-            return
         data = self.grad[bucket.start:bucket.end]
-        data.mul_(1.0 / self.size)
+        if self.grad_scale != 1.0:
+            data.mul_(self.grad_scale)
+        if bucket.size == 1:
+            if self.shard:
+                self._shard_view(bucket).copy_(data)
+            return
         if self.shard:
-            bucket.handle = reduce_scatter_into(self._shard_view(bucket), data, self.group, async_op=True)
+            bucket.handle = reduce_scatter_into(self._shard_view(bucket), data, bucket.group, async_op=True)
         else:
-            bucket.handle = dist.all_reduce(data, group=self.group, async_op=True)
+            bucket.handle = dist.all_reduce(data, group=bucket.group, async_op=True)
 
     def _shard_view(self, bucket: Bucket) -> torch.Tensor:
-        chunk = (bucket.end - bucket.start) // self.size
-        first = bucket.start // self.size
-        return self.grad_shard[first:first + chunk]
+        chunk = (bucket.end - bucket.start) // bucket.size
+        return self.grad_shard[bucket.shard_start:bucket.shard_start + chunk]
 
     def finish(self) -> None:
         """Complete the reduction: buckets never completed (unused parameters) go now, in bucket order;
@@ -136,8 +155,6 @@ class GradBuffer:
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
-        if self.shard and self.size == 1:
-            self.grad_shard.copy_(self.grad)
         if group_size(self.topology.tp_group) > 1:
             views = [v for _, v in self.owned(lambda p: getattr(p, "sequence_parallel", False))]
             if views:
@@ -184,16 +201,19 @@ class GradBuffer:
 
     def grad_norm(self, select=lambda p: True) -> float:
         """Global L2 norm of the selected gradients, each element counted once over the whole world:
-        TP-replicated weights only on TP rank 0, unsharded gradients only on DP x CP rank 0, the tied
-        embedding only on the first pipeline stage."""
-        tp_rank, first_stage = self.topology.tp_rank, self.topology.is_first_stage
+        weights replicated over TP only on TP rank 0 (experts: over ETP, on ETP rank 0), unsharded
+        gradients only on rank 0 of their replicas (DP x CP, or EDP for experts), the tied embedding
+        only on the first pipeline stage."""
+        coords, first_stage = self.topology.coords, self.topology.is_first_stage
         total = torch.zeros((), dtype=torch.float64, device=self.grad.device)
-        if self.shard or self.rank == 0:
-            for p, g in self.owned(select):
-                if getattr(p, "tied_embedding", False) and not first_stage:
-                    continue
-                if getattr(p, "partition_dim", None) is not None or tp_rank == 0:
-                    total += g.double().pow(2).sum()
+        for p, g in self.owned(select):
+            if not self.shard and self.bucket_of[p].rank != 0:
+                continue
+            if getattr(p, "tied_embedding", False) and not first_stage:
+                continue
+            tensor_rank = coords["etp"] if getattr(p, "expert", False) else coords["tp"]
+            if getattr(p, "partition_dim", None) is not None or tensor_rank == 0:
+                total += g.double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return float(total.sqrt())
@@ -264,7 +284,7 @@ class DistributedAdamW:
         self.inner.step()
         buffer = self.buffer
         for bucket in buffer.buckets:
-            if buffer.size == 1:
+            if bucket.size == 1:
                 continue
             lo, hi = buffer.shard_range(bucket)
-            all_gather_into(self.params[bucket.start:bucket.end], self.params[lo:hi].clone(), buffer.group)
+            all_gather_into(self.params[bucket.start:bucket.end], self.params[lo:hi].clone(), bucket.group)

@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     from pretrain import distributed
     from pretrain.cli import print_error
     from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError
+    from pretrain.config_loading import load_config
     from pretrain.trainer import NonFiniteError, train
 
     known = (ConfigError, DatasetError, TopologyError, CheckpointError, NonFiniteError, OSError)

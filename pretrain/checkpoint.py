@@ -52,16 +52,30 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, saving: bool) ->
     """Keys name the shard they hold, so every rank writes (and reads) only its own part:
     `model.pp<p>.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights;
     layers keep their global numbers), `optim.pp<p>.tp<t>` for the plain optimizer (likewise replicated)
-    or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice)."""
+    or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice; (tp, dpcp) names a rank
+    of the stage). Expert weights, and their plain-optimizer states, are replicated over EDP instead:
+    they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0."""
     shard, d = f"pp{topology.pp_rank}.tp{topology.tp_rank}", topology.coords["dp_cp"]
+    expert_shard = f"pp{topology.pp_rank}.ep{topology.coords['ep']}.etp{topology.coords['etp']}"
     writer = d == 0 or not saving
+    expert_writer = topology.coords["edp"] == 0 or not saving
+    experts = {n for n, p in model.named_parameters() if getattr(p, "expert", False)}
+    weights = model.state_dict()
     state = {}
     if writer:
-        state[f"model.{shard}"] = model.state_dict()
+        state[f"model.{shard}"] = {k: v for k, v in weights.items() if k not in experts}
+    if experts and expert_writer:
+        state[f"experts.{expert_shard}"] = {k: v for k, v in weights.items() if k in experts}
     if optimizer.sharded:
         state[f"optim.{shard}.dpcp{d}"] = _optimizer_state(optimizer.inner)
-    elif writer:
-        state[f"optim.{shard}"] = _optimizer_state(optimizer.inner)
+        return state
+    params = [p for group in optimizer.inner.param_groups for p in group["params"]]
+    is_expert = lambda i: getattr(params[int(i)], "expert", False)  # noqa: E731
+    whole = _optimizer_state(optimizer.inner)
+    if writer:
+        state[f"optim.{shard}"] = {**whole, "state": {k: v for k, v in whole["state"].items() if not is_expert(k)}}
+    if experts and expert_writer:
+        state[f"optim_experts.{expert_shard}"] = {"state": {k: v for k, v in whole["state"].items() if is_expert(k)}}
     return state
 
 
@@ -210,9 +224,12 @@ def load(path: str, model: torch.nn.Module, optimizer, topology) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=path)
-        model.load_state_dict(state[f"model.pp{topology.pp_rank}.tp{topology.tp_rank}"])
+        model.load_state_dict({k: v for name, part in state.items() if name.startswith(("model.", "experts."))
+                               for k, v in part.items()})
         saved = next(v for k, v in state.items() if k.startswith("optim."))
-        inner.load_state_dict({"state": {int(k): v for k, v in saved["state"].items()}, "param_groups": saved["param_groups"]})
+        expert_states = next((v["state"] for k, v in state.items() if k.startswith("optim_experts.")), {})
+        inner.load_state_dict({"state": {int(k): v for k, v in {**saved["state"], **expert_states}.items()},
+                               "param_groups": saved["param_groups"]})
         rng = torch.load(rng_path, weights_only=False)
     except Exception as err:
         first_line = (str(err).splitlines() or [""])[0][:200]

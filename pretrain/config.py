@@ -1,4 +1,4 @@
-"""Experiment configuration: typed sections, YAML loading, dotted overrides, validation.
+"""Experiment configuration: typed sections and their validation (loading: `pretrain/config_loading.py`).
 
 Every field has a default, so a YAML file only lists what it changes. Loading checks
 names and types; `Config.validate` checks values and their consistency. Both raise
@@ -12,10 +12,8 @@ import dataclasses
 import difflib
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -47,8 +45,37 @@ class GPASConfig:
 
 
 @dataclass
+class RouterConfig:
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    pre_softmax: bool = False  # softmax over all experts before the top-k (else: top-k logits, then softmax)
+    num_groups: Optional[int] = None  # group-limited routing: experts in groups, tokens pick group_top_k groups
+    group_top_k: Optional[int] = None
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0  # 0: no router z-loss
+    expert_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by an expert bias (sigmoid scores)
+
+
+@dataclass
 class MoEConfig:
-    num_experts: Optional[int] = None  # null: dense model (mixture of experts is not available yet)
+    num_experts: Optional[int] = None  # null: a dense model
+    top_k: int = 2
+    ffn_hidden_size: Optional[int] = None  # each expert's MLP width; null: model.ffn_hidden_size
+    layer_freq: Union[int, list[int]] = 1  # k: layers 0, k, 2k, ... are MoE; a list: one 0/1 per layer
+    shared_expert_ffn_hidden_size: Optional[int] = None  # a dense MLP every token goes through; null: none
+    router: RouterConfig = field(default_factory=RouterConfig)
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    capacity_factor: Optional[float] = None  # null: dropless
+    drop_policy: Literal["probs", "position"] = "probs"  # over capacity, keep the highest probabilities or the first tokens
+    pad_to_capacity: bool = False  # every expert gets exactly its capacity (fixed shapes)
+    experts: Literal["auto", "grouped", "loop"] = "auto"  # auto: a grouped matmul where torch has one, else a loop
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if self.num_experts is None:
+            return False
+        if isinstance(self.layer_freq, list):
+            return bool(self.layer_freq[layer])
+        return layer % self.layer_freq == 0
 
 
 @dataclass
@@ -289,14 +316,73 @@ class Config:
             e.add("model.gpas.gate_grad_clip is set but model.gpas.enabled=false: enable GPAS or remove the clip")
         if t.stop_at_step is not None and t.stop_at_step > t.iters:
             e.add(f"train.stop_at_step={t.stop_at_step} is beyond train.iters={t.iters}: the run ends at train.iters")
-        if m.moe.num_experts is not None:
-            e.add("model.moe.num_experts: mixture-of-experts layers are not available in this version; remove it")
+        self._validate_moe(e)
         if s.decay != "constant" and s.min_lr > self.optimizer.lr:
             e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")
         if s.warmup_iters > t.iters:
             e.add(f"scheduler.warmup_iters={s.warmup_iters} exceeds train.iters={t.iters}: shorten the warmup")
         self._validate_data(e)
         self._validate_layout(e, world_size)
+
+    def _validate_moe(self, e: "_Errors") -> None:
+        m, p = self.model, self.parallel
+        moe, router = m.moe, m.moe.router
+        if moe.num_experts is None:
+            if p.expert > 1 or (p.expert_tensor or p.tensor) != p.tensor:
+                e.add("parallel.expert / parallel.expert_tensor lay out mixture-of-experts layers: set "
+                      "model.moe.num_experts, or use expert=1 and no expert_tensor")
+            return
+        E = moe.num_experts
+        e.positive("model.moe.num_experts", E)
+        e.positive("model.moe.top_k", moe.top_k)
+        if E < 1 or moe.top_k < 1:
+            return
+        if moe.top_k > E:
+            e.add(f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={E}")
+        if moe.top_k == 1 and router.score == "softmax" and not router.pre_softmax:
+            e.add("model.moe.top_k=1 with router.score=softmax after the top-k gives every token probability 1 (no "
+                  "gradient reaches the router): set model.moe.router.pre_softmax=true or use top_k >= 2")
+        if E % p.expert:
+            e.add(f"model.moe.num_experts={E} is not divisible by parallel.expert={p.expert}: each expert-parallel "
+                  "rank holds an equal number of experts")
+        for name in ("ffn_hidden_size", "shared_expert_ffn_hidden_size", "capacity_factor"):
+            if getattr(moe, name) is not None:
+                e.positive(f"model.moe.{name}", getattr(moe, name))
+        etp = p.expert_tensor or p.tensor
+        if (moe.ffn_hidden_size or m.ffn_size) % etp:
+            e.add(f"model.moe.ffn_hidden_size={moe.ffn_hidden_size or m.ffn_size} is not divisible by "
+                  f"parallel.expert_tensor={etp}")
+        if moe.shared_expert_ffn_hidden_size and moe.shared_expert_ffn_hidden_size % p.tensor:
+            e.add(f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} is not divisible by "
+                  f"parallel.tensor={p.tensor}")
+        if isinstance(moe.layer_freq, list):
+            if len(moe.layer_freq) != m.num_layers or set(moe.layer_freq) - {0, 1}:
+                e.add(f"model.moe.layer_freq={moe.layer_freq}: a list needs one 0 (dense) or 1 (MoE) per layer, "
+                      f"{m.num_layers} in all")
+            elif not any(moe.layer_freq):
+                e.add("model.moe.layer_freq has no 1: no layer would be MoE; remove model.moe.num_experts instead")
+        else:
+            e.positive("model.moe.layer_freq", moe.layer_freq)
+        if p.tensor > 1 and not p.sequence_parallel:
+            e.add(f"model.moe with parallel.tensor={p.tensor} needs parallel.sequence_parallel=true: without it the "
+                  "tensor-parallel ranks would route the same tokens twice")
+        if moe.pad_to_capacity and moe.capacity_factor is None:
+            e.add("model.moe.pad_to_capacity needs model.moe.capacity_factor (padding is to the capacity)")
+        groups, group_top_k = router.num_groups, router.group_top_k
+        if (groups is None) != (group_top_k is None):
+            e.add("model.moe.router.num_groups and group_top_k go together: set both or neither")
+        elif groups is not None:
+            e.positive("model.moe.router.num_groups", groups)
+            e.positive("model.moe.router.group_top_k", group_top_k)
+            if groups > 0 and group_top_k > 0 and (E % groups or group_top_k > groups or moe.top_k % group_top_k):
+                e.add(f"model.moe.router.num_groups={groups}, group_top_k={group_top_k}: num_groups must divide "
+                      f"num_experts={E}, group_top_k must be at most num_groups and divide top_k={moe.top_k}")
+        e.non_negative("model.moe.router.aux_loss_coeff", router.aux_loss_coeff)
+        e.non_negative("model.moe.router.z_loss_coeff", router.z_loss_coeff)
+        e.non_negative("model.moe.router.expert_bias_update_rate", router.expert_bias_update_rate)
+        if router.expert_bias_update_rate > 0 and router.score != "sigmoid":
+            e.add("model.moe.router.expert_bias_update_rate needs router.score=sigmoid (an expert bias shifts which "
+                  "experts a sigmoid router picks; with softmax it is not defined)")
 
     def sizes(self, world_size: int) -> Sizes:
         p = self.parallel
@@ -319,9 +405,6 @@ class Config:
             pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, p.first_stage_layers, p.last_stage_layers)
         except ValueError as err:
             e.add(str(err))
-        if p.expert > 1 or (p.expert_tensor or p.tensor) != p.tensor:
-            e.add("parallel.expert / parallel.expert_tensor: expert parallelism needs mixture-of-experts layers, "
-                  "not available yet; use expert=1 and no expert_tensor")
         tp, cp = p.tensor, p.context
         if m.num_attention_heads % tp:
             e.add(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={tp}: "
@@ -445,142 +528,3 @@ class _Errors:
     def raise_if_any(self) -> None:
         if self.lines:
             raise ConfigError("; ".join(self.lines))
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read a YAML file (or nothing: all defaults), apply `section.key=value` overrides, check names and types."""
-    raw: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err)
-            raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections, not {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item)
-    return _build(Config, raw, "")
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key or "." not in key:
-        raise ConfigError(f"override {item!r} must look like section.key=value (for example train.iters=50)")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        if key not in names:
-            suggestion = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{suggestion[0]}?" if suggestion else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-        values[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**values)
-
-
-def _coerce(kind: Any, value: Any, name: str) -> Any:
-    """Check `value` against the annotation `kind`; return it converted (ints to floats, '3e-4' to 3e-4)."""
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, {} if value is None else value, name + ".")
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, name)
-            except ConfigError:
-                pass
-        allowed = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
-        raise ConfigError(f"{name}={value!r}: expected {allowed}")
-    if origin is Literal:
-        choices = typing.get_args(kind)
-        if value not in choices:
-            suggestion = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
-            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}{hint}")
-        return value
-    if origin is dict:
-        key_kind, item = typing.get_args(kind)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}={value!r}: expected a mapping of names to {_type_name(item)}")
-        return {str(k): _coerce(item, v, f"{name}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # a single value on the command line
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}={value!r}: expected a list of {_type_name(item)}")
-        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}={value!r}: expected true or false")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (float, str)) and not isinstance(value, bool):  # 1e9 or "1e9" (YAML 1.1)
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
-                return int(number)
-        raise ConfigError(f"{name}={value!r}: expected an integer")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}={value!r}: expected a number")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # run.name=123 on the command line
-        raise ConfigError(f"{name}={value!r}: expected a string")
-    raise TypeError(f"config field {name} has an unsupported annotation {kind!r}")
-
-
-def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(kind)))
-    if typing.get_origin(kind) is list:
-        return "a list"
-    if dataclasses.is_dataclass(kind):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))

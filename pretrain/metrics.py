@@ -113,6 +113,9 @@ class Metrics:
             line += " | tokens " + " ".join(f"{k} {_count(v)}" for k, v in values["tokens_by_source"].items())
         if "val_loss" in values:
             line += f" | val loss {values['val_loss']:.4f} (ppl {values['val_ppl']:.2f})"
+        if "moe_aux_loss" in values:
+            line += (f" | moe aux {values['moe_aux_loss']:.3f} imbalance {values['moe_load_imbalance']:.2f} "
+                     f"dropped {values['moe_dropped_fraction']:.1%}")
         if "gpas_scale" in values:
             line += " | gpas " + " ".join(f"{s:.3f}" for s in values["gpas_scale"].values())
         print(line, flush=True)

@@ -146,6 +146,7 @@ class Trainer:
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
         )
         self.gates = {p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")}
+        self.routers = self.model.routers()
 
     def layout(self) -> dict:
         """What the shards of a checkpoint depend on: the parallel layout and how optimizer states are sharded."""
@@ -207,6 +208,9 @@ class Trainer:
                 "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
             )
         self.optimizer.step()
+        for router in self.routers.values():
+            if router.use_bias:
+                router.update_expert_bias()
         self.step = step
         return loss_value, grad_norm
 
@@ -219,6 +223,9 @@ class Trainer:
         self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
         count = len(micro_batches)
+        for router in self.routers.values():
+            router.reset_step()
+            router.loss_scale = self.topology.cp / count  # see pretrain/model/router.py
 
         def forward(i: int, chunk: int, received):
             output = self.stage_forward(micro_batches[i], received, chunk)
@@ -387,6 +394,38 @@ class Trainer:
                 record["val_loss_by_source"] = by_source
         if self.cfg.model.gpas.enabled:
             record["gpas_scale"] = self.gpas_scales()
+        if self.cfg.model.moe.num_experts:
+            record.update(self.moe_record())
+        return record
+
+    def moe_record(self) -> dict:
+        """The last step's router statistics per MoE layer, gathered over the stage's ranks and the pipeline:
+        the balancing loss (without its coefficient: about 1 when balanced) and z-loss as means over
+        micro-batches and DP, tokens per expert as max / mean, and the share of routed tokens dropped."""
+        tp, local = self.topology, sorted(self.routers, key=int)
+        rows = torch.stack([torch.cat([torch.stack([r.stats[k] for k in ("aux", "z", "routed", "kept")]), r.stats["tokens"]])
+                            for r in (self.routers[i] for i in local)]) if local else torch.zeros(0)
+        if local and len(tp.members["tp-dp-cp"]) > 1:
+            torch.distributed.all_reduce(rows, group=tp.groups["tp-dp-cp"])
+        mean_over = tp.dp * max(self.loader.micro_batches_per_step, 1)
+        layers = {i: {"aux_loss": float(row[0]) / mean_over, "z_loss": float(row[1]) / mean_over,
+                      "routed": float(row[2]), "kept": float(row[3]),
+                      "load_imbalance": float(row[4:].max() / row[4:].mean().clamp_min(1e-9))}
+                  for i, row in zip(local, rows.cpu())}
+        if tp.pp > 1:
+            stages = [None] * tp.pp
+            torch.distributed.all_gather_object(stages, layers, group=tp.groups["pp"])
+            layers = {k: v for stage in stages for k, v in stage.items()}
+        order = sorted(layers, key=int)
+        mean = lambda key: sum(layers[i][key] for i in order) / len(order)  # noqa: E731
+        record = {
+            "moe_aux_loss": mean("aux_loss"), "moe_load_imbalance": mean("load_imbalance"),
+            "moe_dropped_fraction": 1.0 - sum(layers[i]["kept"] for i in order) / sum(layers[i]["routed"] for i in order),
+            "moe_aux_loss_by_layer": {i: layers[i]["aux_loss"] for i in order},
+            "moe_load_imbalance_by_layer": {i: layers[i]["load_imbalance"] for i in order},
+        }
+        if self.cfg.model.moe.router.z_loss_coeff > 0:
+            record["moe_z_loss"] = mean("z_loss")
         return record
 
 

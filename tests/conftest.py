@@ -9,7 +9,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.indexed import token_dtype, write_indexed_dataset  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
+from pretrain.config_loading import load_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import Config, ConfigError
+from pretrain.config_loading import load_config
 
 
 def test_defaults_are_valid():
@@ -48,7 +49,15 @@ def test_name_and_type_errors(override, message):
         (["scheduler.warmup_iters=500"], "exceeds train.iters=300"),
         (["scheduler.min_lr=1.0"], "above optimizer.lr"),
         (["data.split=98"], "data.split='98'"),
-        (["model.moe.num_experts=8"], "mixture-of-experts"),
+        (["model.moe.num_experts=8", "model.moe.top_k=1"], "set model.moe.router.pre_softmax=true"),
+        (["model.moe.num_experts=8", "model.moe.top_k=9"], "model.moe.top_k=9 exceeds model.moe.num_experts=8"),
+        (["model.moe.num_experts=8", "model.moe.layer_freq=[1,0]"], "per layer, 4 in all"),
+        (["model.moe.num_experts=8", "model.moe.pad_to_capacity=true"], "needs model.moe.capacity_factor"),
+        (["model.moe.num_experts=8", "model.moe.router.num_groups=3", "model.moe.router.group_top_k=1"],
+         "num_groups must divide num_experts=8"),
+        (["model.moe.num_experts=8", "model.moe.router.expert_bias_update_rate=1e-3"], "needs router.score=sigmoid"),
+        (["model.moe.num_experts=8", "model.moe.router.num_groups=4"], "num_groups and group_top_k go together"),
+        (["model.moe.num_experts=8", "model.moe.dispatcher=all2all"], "did you mean 'alltoall'"),
         (["parallel.tensor=3"], "does not divide the world size 1"),
         (["parallel.expert=4"], "parallel.expert_tensor x parallel.expert x parallel.pipeline = 1 x 4 x 1 = 4"),
         (["parallel.order=tp-dp-pp"], "parallel.order='tp-dp-pp': name each of tp, cp, ep, dp, pp once"),
@@ -83,6 +92,10 @@ def test_all_problems_reported_at_once():
          "model.num_layers=6 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 2 x 2 = 4 chunks"),
         (1, ["parallel.virtual_pipeline=2"], "parallel.virtual_pipeline=2 needs parallel.pipeline > 1"),
         (4, ["parallel.pipeline=4", "parallel.first_stage_layers=3"], "leaves 1 layers for 3 middle piece(s)"),
+        (8, ["parallel.expert=4"], "set model.moe.num_experts"),
+        (8, ["model.moe.num_experts=6", "parallel.expert=4"], "model.moe.num_experts=6 is not divisible by parallel.expert=4"),
+        (8, ["model.moe.num_experts=8", "parallel.tensor=2"], "needs parallel.sequence_parallel=true"),
+        (8, ["model.moe.num_experts=8", "parallel.expert_tensor=3"], "3 x 1 x 1 = 3 does not divide the world size 8"),
         (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "parallel.first_stage_layers=2"],
          "leaves 2 layers for 3 middle piece(s) of parallel.pipeline x parallel.virtual_pipeline"),
     ],

@@ -11,7 +11,8 @@ from conftest import ROOT
 from launch.__main__ import main
 from launch.estimate import activation_bytes, count_parameters, human_bytes, parameters_per_tp_rank, state_bytes
 from parallel.topology import Topology
-from pretrain.config import ModelConfig, load_config
+from pretrain.config import ModelConfig
+from pretrain.config_loading import load_config
 from pretrain.model import GPT
 
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")

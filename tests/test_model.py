@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from parallel.tensor_parallel import take_shard
 from parallel.topology import Topology
-from pretrain.config import ModelConfig, load_config
+from pretrain.config import ModelConfig
+from pretrain.config_loading import load_config
 from pretrain.model import GPT
 from pretrain.model.gpas import GPASGate
 

@@ -33,6 +33,11 @@ def norm_of_ones(rank, world, cfg):
     TP2_CP2_DP2, TP2_CP2_DP2 + ["optimizer.distributed=true"],
     ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true",
      "optimizer.distributed=true"],
+    # MoE folding: experts over EP4 x ETP1 on attention TP2 x DP2 (the dedup must use ETP, not TP), and ETP2 x EP2
+    ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=4",
+     "parallel.expert_tensor=1", "model.moe.num_experts=8", "model.moe.shared_expert_ffn_hidden_size=64"],
+    ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "model.moe.num_experts=4",
+     "optimizer.distributed=true"],
 ])
 def test_gradient_norm_counts_every_parameter_once(tmp_path, tiny_corpus, layout):
     cfg = layout_config(tmp_path, tiny_corpus, *layout, "model.gpas.enabled=true")
@@ -142,6 +147,9 @@ def train_and_report(rank, world, cfg):
     TP2_CP2_DP2[:2] + ["optimizer.distributed=true"],
     ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.tensor=2", "model.tie_embeddings=true",
      "model.gpas.enabled=true"],
+    # MoE folding with the plain optimizer: expert weights and states saved per EP rank, the expert bias kept
+    ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=4", "parallel.expert_tensor=1",
+     "model.moe.num_experts=8", "model.moe.router.score=sigmoid", "model.moe.router.expert_bias_update_rate=0.01"],
 ])
 def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path, tiny_corpus, layout):
     extra = ("train.iters=6", "logging.interval=1", "eval.interval=3", "eval.iters=1")
@@ -160,8 +168,8 @@ def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path
             return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in map(json.loads, f)]
 
     assert records(part) == records(full)  # bitwise: the same ranks add the same numbers in the same order
-    other = layout_config(tmp_path / "part", tiny_corpus, "parallel.tensor=2", *extra, "train.iters=9",
-                          *[o for o in layout if o.startswith("model.")])
+    other = layout_config(tmp_path / "part", tiny_corpus, "parallel.tensor=2", "parallel.sequence_parallel=true",
+                          *extra, "train.iters=9", *[o for o in layout if o.startswith("model.")])
     with pytest.raises(AssertionError, match="parallel layout"):
         run_ranks(4, train_and_report, other)
     with pytest.raises(CheckpointError, match="parallel layout"):

@@ -34,13 +34,21 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     if buffer.shard:
         reduced = torch.empty_like(buffer.grad)
         for bucket in buffer.buckets:
-            all_gather_into(reduced[bucket.start:bucket.end], buffer._shard_view(bucket), buffer.group)
-    out = {}
+            if bucket.size == 1:
+                reduced[bucket.start:bucket.end] = buffer._shard_view(bucket)
+            else:
+                all_gather_into(reduced[bucket.start:bucket.end], buffer._shard_view(bucket), bucket.group)
+    out, topology = {}, trainer.topology
     for name, p in trainer.model.named_parameters():
         a, b = buffer.bucket_of[p].ranges[p]
         g = reduced[a:b].view_as(p).clone()
-        if getattr(p, "partition_dim", None) is not None and trainer.topology.tp > 1:
-            g = all_gather_dim(g, p.partition_dim, trainer.topology.tp_group)
+        if getattr(p, "expert", False):  # this rank's experts, split over ETP: gather both
+            if p.partition_dim is not None:
+                g = all_gather_dim(g, p.partition_dim, topology.groups["etp"])
+            if topology.sizes.ep > 1:
+                g = all_gather_dim(g, 0, topology.groups["ep"])
+        elif getattr(p, "partition_dim", None) is not None and topology.tp > 1:
+            g = all_gather_dim(g, p.partition_dim, topology.tp_group)
         out[name] = g
     return out
 
@@ -49,12 +57,15 @@ def run_layout(rank: int, world: int, cfg):
     trainer = Trainer(cfg, world, rank)
     first_loss = trainer.forward_backward()
     grads = full_gradients(trainer)
+    moe = trainer.moe_record() if trainer.cfg.model.moe.num_experts else {}
     losses = [first_loss]
     trainer.loader = type(trainer.loader)(trainer.data, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                           trainer.topology.dp_rank, trainer.topology.dp)  # back to sample 0
     for _ in range(STEPS):
         losses.append(trainer.train_step()[0])
-    return {"first_loss": first_loss, "grads": grads, "losses": losses[1:], "in_flight": trainer.most_in_flight}
+    return {"first_loss": first_loss, "grads": grads, "losses": losses[1:], "in_flight": trainer.most_in_flight,
+            "moe_aux_loss": moe.get("moe_aux_loss"), "moe_load_imbalance": moe.get("moe_load_imbalance"),
+            "moe_dropped_fraction": moe.get("moe_dropped_fraction")}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +106,37 @@ LAYOUTS = {
 }
 MODELS = {"": (), "tied+gpas+gelu": ("model.tie_embeddings=true", "model.gpas.enabled=true", "model.activation=gelu")}
 
+# MoE: 8 experts, top-2, dropless; attention and experts laid out differently over the same ranks
+MOE = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ffn_hidden_size=64")
+MOE_MODELS = {
+    "": MOE,
+    "shared expert, sigmoid, z-loss, seq aux": MOE + (
+        "model.moe.shared_expert_ffn_hidden_size=64", "model.moe.router.score=sigmoid",
+        "model.moe.router.z_loss_coeff=1e-3", "model.moe.router.load_balancing=seq_aux_loss"),
+}
+MOE_LAYOUTS = {
+    "EP2 over DP2": (2, ["parallel.expert=2"]),
+    "EP4 over DP4": (4, ["parallel.expert=4"]),
+    "attention TP2 SP x DP2, experts ETP1 x EP4": (4, [
+        "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=4", "parallel.expert_tensor=1"]),
+    "EP1 with ETP2, TP1": (2, ["parallel.expert_tensor=2"]),
+    "TP2 SP x CP2 x DP2, EP8": (8, [
+        "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "parallel.expert=8",
+        "parallel.expert_tensor=1"]),
+    "PP2 x DP2, EP2": (4, ["parallel.pipeline=2", "parallel.expert=2"]),
+    "TP2 SP x DP2, ETP2 x EP2 distributed optimizer": (4, [
+        "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "optimizer.distributed=true"]),
+}
+
+
+@pytest.mark.parametrize("model", list(MOE_MODELS))
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_moe_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, model):
+    if model and layout not in ("attention TP2 SP x DP2, experts ETP1 x EP4", "TP2 SP x CP2 x DP2, EP8"):
+        pytest.skip("the router and shared-expert variants run on the folded layouts")
+    world, overrides = MOE_LAYOUTS[layout]
+    _compare(tmp_path, tiny_corpus, reference(*MOE_MODELS[model]), world, MOE_MODELS[model], overrides)
+
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -102,11 +144,36 @@ def test_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, model
     if model and layout not in ("TP2+SP", "TP2xCP2xDP2 SP", "PP2", "PP2 interleaved, 2 chunks", "PP2xTP2xDP2 SP"):
         pytest.skip("the model variants run on the layouts that exercise every replicated or tied weight")
     world, overrides = LAYOUTS[layout]
-    expected = reference(*MODELS[model])
-    cfg = layout_config(tmp_path, tiny_corpus, *MODELS[model], *overrides)
+    _compare(tmp_path, tiny_corpus, reference(*MODELS[model]), world, MODELS[model], overrides)
+
+
+DROPPING = {
+    "probs policy, EP4 over DP4": (4, MOE + ("model.moe.capacity_factor=1.0",), ["parallel.expert=4"]),
+    "position policy, padded, PP2 x DP2 x EP2": (4, MOE + (
+        "model.moe.capacity_factor=1.0", "model.moe.drop_policy=position", "model.moe.pad_to_capacity=true"),
+        ["parallel.pipeline=2", "parallel.expert=2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPPING))
+def test_moe_token_dropping_matches_one_rank_making_the_same_drops(tmp_path, tiny_corpus, reference, case):
+    """An expert's capacity counts the tokens of one rank's micro-batch. With experts spread over DP (and PP)
+    only, every rank's micro-batches are micro-batches of the one-rank run, so the same tokens are dropped."""
+    world, model, overrides = DROPPING[case]
+    expected = reference(*model)
+    assert expected["moe_dropped_fraction"] > 0.05  # the capacity really drops tokens here
+    _compare(tmp_path, tiny_corpus, expected, world, model, overrides)
+
+
+def _compare(tmp_path, corpus, expected, world, model_overrides, overrides):
+    cfg = layout_config(tmp_path, corpus, *model_overrides, *overrides)
     results = run_ranks(world, run_layout, cfg)
     got = results[0]
     assert math.isclose(got["first_loss"], expected["first_loss"], rel_tol=1e-5)
+    if expected["moe_aux_loss"] is not None:  # the balancing loss and the loads do not depend on the layout
+        assert all(math.isclose(r["moe_aux_loss"], expected["moe_aux_loss"], rel_tol=1e-5) for r in results)
+        assert all(math.isclose(r["moe_load_imbalance"], expected["moe_load_imbalance"], rel_tol=1e-6) for r in results)
+        assert all(r["moe_dropped_fraction"] == expected["moe_dropped_fraction"] for r in results)
     seen = set()
     for result in results:  # pipeline stages hold different layers; the tied embedding is on two of them
         for name, grad in result["grads"].items():

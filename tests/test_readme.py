@@ -8,7 +8,8 @@ import typing
 import yaml
 
 from conftest import ROOT
-from pretrain.config import Config, _coerce
+from pretrain.config import Config
+from pretrain.config_loading import _coerce
 
 
 def readme() -> str:

@@ -197,7 +197,7 @@ def test_token_ids_outside_the_vocabulary_are_a_data_error(tmp_path, tiny_corpus
 def test_saved_config_is_resolved(tmp_path, tiny_corpus):
     cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=2")
     train(cfg)
-    from pretrain.config import load_config
+    from pretrain.config_loading import load_config
 
     saved = load_config(os.path.join(cfg.run.dir, "config.yaml"))
     assert saved.model.vocab_size == 320 and saved.model.num_query_groups == 2 and saved.model.ffn_hidden_size == 128

@@ -12,7 +12,8 @@ import sys
 
 from data.indexed import DatasetError
 from pretrain.cli import print_error
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
+from pretrain.config_loading import load_config
 from pretrain.trainer import load_tokenizer, plan_data
 
 

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 from parallel import context_parallel
 from parallel.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_,
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_, take_shard,
 )
 from parallel.topology import Topology
 from pretrain.config import ModelConfig
 from pretrain.model.gpas import GPASGate
+from pretrain.model.moe import MoE
 
 
 def mark_sequence_parallel(module: nn.Module, topology: Topology) -> None:
@@ -90,12 +91,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, topology: Topology):
+    def __init__(self, cfg: ModelConfig, topology: Topology, ffn_size: int | None = None):
         super().__init__()
-        sp = topology.sequence_parallel
-        self.gate = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, topology, sp) if cfg.activation == "swiglu" else None
-        self.up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, topology, sp)
-        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, topology, sp)
+        sp, ffn = topology.sequence_parallel, ffn_size or cfg.ffn_size
+        self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, topology, sp) if cfg.activation == "swiglu" else None
+        self.up = ColumnParallelLinear(cfg.hidden_size, ffn, topology, sp)
+        self.down = RowParallelLinear(ffn, cfg.hidden_size, topology, sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tensor_parallel(x, self.up.topology, self.up.sequence_parallel)  # once for gate and up
@@ -107,12 +108,16 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, topology: Topology):
+    def __init__(self, cfg: ModelConfig, topology: Topology, number: int):
         super().__init__()
         self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
         self.attention = Attention(cfg, topology)
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
-        self.mlp = MLP(cfg, topology)
+        if cfg.moe.is_moe_layer(number):
+            shared = cfg.moe.shared_expert_ffn_hidden_size
+            self.mlp = MoE(cfg, topology, MLP(cfg, topology, shared) if shared else None)
+        else:
+            self.mlp = MLP(cfg, topology)
         self.gpas = GPASGate() if cfg.gpas.enabled else None
         if self.gpas is not None:
             mark_sequence_parallel(self.gpas, topology)
@@ -146,7 +151,7 @@ class GPT(nn.Module):
             self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp)
             self.embedding.weight.tied_embedding = cfg.tie_embeddings and topology.pp > 1
         self.chunks = [[str(i) for i in layers] for layers in (chunks or [range(cfg.num_layers)])]
-        self.layers = nn.ModuleDict({i: TransformerLayer(cfg, topology) for layers in self.chunks for i in layers})
+        self.layers = nn.ModuleDict({i: TransformerLayer(cfg, topology, int(i)) for layers in self.chunks for i in layers})
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology) if self.last else None
         self.output = None
         if self.last and not cfg.tie_embeddings:
@@ -178,6 +183,10 @@ class GPT(nn.Module):
             return self.output(x)
         return F.linear(enter_tensor_parallel(x, self.topology, self.topology.sequence_parallel), self.embedding.weight)
 
+    def routers(self) -> dict:
+        """This stage's MoE routers by global layer number."""
+        return {i: layer.mlp.router for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
+
     def starts_model(self, chunk: int) -> bool:
         return self.first and chunk == 0
 
@@ -204,9 +213,22 @@ class GPT(nn.Module):
             elif name.endswith("bias") or name.endswith("gpas.gate"):
                 param.zero_()
             else:
-                std = scaled_std if name.endswith(("attention.out.weight", "mlp.down.weight")) else self.cfg.init_std
-                generator = torch.Generator().manual_seed(_name_seed(seed, name))
-                init_normal_(param, std, generator, tp_rank, tp_size)
+                std = scaled_std if name.endswith(("attention.out.weight", "down.weight", "experts.down")) \
+                    else self.cfg.init_std
+                if getattr(param, "expert", False):
+                    self._init_experts(param, name, seed, std)
+                else:
+                    generator = torch.Generator().manual_seed(_name_seed(seed, name))
+                    init_normal_(param, std, generator, tp_rank, tp_size)
+
+    def _init_experts(self, param: nn.Parameter, name: str, seed: int, std: float) -> None:
+        """Each expert from its own generator, keyed by its global number: any EP x ETP layout gets the same experts."""
+        etp_rank, etp = self.topology.coords["etp"], self.topology.sizes.expert_tp
+        dim = None if param.partition_dim is None else param.partition_dim - 1
+        for local, expert in enumerate(param.experts):
+            full = torch.empty(param.full_shape[1:]).normal_(0.0, std, generator=torch.Generator().manual_seed(
+                _name_seed(seed, f"{name}.{expert}")))
+            param[local].copy_(take_shard(full, dim, etp_rank, etp))
 
 
 def _name_seed(seed: int, name: str) -> int:
