@@ -113,6 +113,9 @@ MOE_MODELS = {
     "shared expert, sigmoid, z-loss, seq aux": MOE + (
         "model.moe.shared_expert_ffn_hidden_size=64", "model.moe.router.score=sigmoid",
         "model.moe.router.z_loss_coeff=1e-3", "model.moe.router.load_balancing=seq_aux_loss"),
+    # the global loss counts over DP and the micro-batches so far, so it is layout-free only without DP
+    "global aux loss, allgather dispatcher": MOE + (
+        "model.moe.router.load_balancing=global_aux_loss", "model.moe.dispatcher=allgather"),
 }
 MOE_LAYOUTS = {
     "EP2 over DP2": (2, ["parallel.expert=2"]),
@@ -124,6 +127,12 @@ MOE_LAYOUTS = {
         "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "parallel.expert=8",
         "parallel.expert_tensor=1"]),
     "PP2 x DP2, EP2": (4, ["parallel.pipeline=2", "parallel.expert=2"]),
+    "TP2 SP x CP2, EP4": (4, [
+        "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "parallel.expert=4",
+        "parallel.expert_tensor=1"]),
+    "PP2 x TP2 SP, EP2": (4, [
+        "parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
+        "parallel.expert_tensor=1"]),
     "TP2 SP x DP2, ETP2 x EP2 distributed optimizer": (4, [
         "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "optimizer.distributed=true"]),
 }
@@ -132,7 +141,10 @@ MOE_LAYOUTS = {
 @pytest.mark.parametrize("model", list(MOE_MODELS))
 @pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
 def test_moe_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, model):
-    if model and layout not in ("attention TP2 SP x DP2, experts ETP1 x EP4", "TP2 SP x CP2 x DP2, EP8"):
+    without_dp = ("TP2 SP x CP2, EP4", "PP2 x TP2 SP, EP2")
+    if model.startswith("global") != (layout in without_dp):
+        pytest.skip("the global balancing loss runs on the layouts without DP, and only there")
+    if model.startswith("shared") and layout not in ("attention TP2 SP x DP2, experts ETP1 x EP4", "TP2 SP x CP2 x DP2, EP8"):
         pytest.skip("the router and shared-expert variants run on the folded layouts")
     world, overrides = MOE_LAYOUTS[layout]
     _compare(tmp_path, tiny_corpus, reference(*MOE_MODELS[model]), world, MOE_MODELS[model], overrides)
