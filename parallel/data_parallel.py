@@ -250,8 +250,9 @@ class PlainAdamW:
 
 
 class DistributedAdamW:
-    """ZeRO-1 AdamW: this rank steps its slice of every bucket (so Adam states are sharded over DP x CP),
-    then the updated slices are all-gathered into the flat parameter buffer the model's weights view."""
+    """ZeRO-1 AdamW: this rank steps its slice of every bucket (so Adam states are sharded over DP x CP, and
+    those of experts over EDP), then the updated slices are all-gathered into the flat parameter buffer the
+    model's weights view."""
 
     sharded = True
 

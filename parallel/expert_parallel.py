@@ -62,7 +62,6 @@ class TokenDispatcher(ABC):
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep
         self.first_expert = topology.coords["ep"] * self.num_local_experts
-        self.topology = topology
 
     @abstractmethod
     def dispatch(self, tokens: torch.Tensor, probs: torch.Tensor,

@@ -196,8 +196,8 @@ def run_schedule(
 ) -> tuple[list[torch.Tensor], int]:
     """Run this stage's part of the schedule. forward(micro_batch, chunk, input) runs one chunk (input: the
     previous virtual stage's output, None on the first) and returns its output, or on the last virtual
-    stage the loss (already divided by the number of micro-batches). before_backward(micro_batch, chunk)
-    is called before each backward pass.
+    stage the loss (in training, already divided by the number of micro-batches). before_backward(
+    micro_batch, chunk) is called before each backward pass.
 
     Returns the last virtual stage's outputs in micro-batch order (empty on other stages) and the most
     micro-batch chunks whose activations were alive at once on this stage."""

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+import torch
 import yaml
 
 from data.blend import PhaseConfig, SourceConfig, phase_boundaries
@@ -117,7 +118,8 @@ class ParallelConfig:
     context: int = 1
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None
-    first_stage_layers: Optional[int] = None  # layers on the first / last pipeline stage (null: an even split)
+    first_stage_layers: Optional[int] = None  # layers of the first / last stage (with interleaving: of its
+    # first / last chunk, the one holding the embedding / the output layer); null: an even split
     last_stage_layers: Optional[int] = None
     expert: int = 1
     expert_tensor: Optional[int] = None  # null: same as tensor
@@ -377,9 +379,15 @@ class Config:
             if groups > 0 and group_top_k > 0 and (E % groups or group_top_k > groups or moe.top_k % group_top_k):
                 e.add(f"model.moe.router.num_groups={groups}, group_top_k={group_top_k}: num_groups must divide "
                       f"num_experts={E}, group_top_k must be at most num_groups and divide top_k={moe.top_k}")
+            elif groups > 0 and group_top_k > 0 and moe.top_k // group_top_k > E // groups:
+                e.add(f"model.moe.router.group_top_k={group_top_k}: each of the chosen groups must supply top_k / "
+                      f"group_top_k = {moe.top_k // group_top_k} experts but holds only num_experts / num_groups = "
+                      f"{E // groups}: raise group_top_k or lower num_groups")
         e.non_negative("model.moe.router.aux_loss_coeff", router.aux_loss_coeff)
         e.non_negative("model.moe.router.z_loss_coeff", router.z_loss_coeff)
         e.non_negative("model.moe.router.expert_bias_update_rate", router.expert_bias_update_rate)
+        if moe.experts == "grouped" and not hasattr(torch.nn.functional, "grouped_mm"):
+            e.add(f"model.moe.experts=grouped: torch {torch.__version__} has no grouped matmul; use auto or loop")
         if router.expert_bias_update_rate > 0 and router.score != "sigmoid":
             e.add("model.moe.router.expert_bias_update_rate needs router.score=sigmoid (an expert bias shifts which "
                   "experts a sigmoid router picks; with softmax it is not defined)")

@@ -52,6 +52,11 @@ def model_signature(cfg: Config) -> dict:
         "num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
         "ffn_hidden_size": m.ffn_size, "activation": m.activation, "norm": m.norm,
         "tie_embeddings": m.tie_embeddings, "gpas": m.gpas.enabled,
+        "moe": None if m.moe.num_experts is None else {
+            "num_experts": m.moe.num_experts, "ffn_hidden_size": m.moe.ffn_hidden_size or m.ffn_size,
+            "layer_freq": m.moe.layer_freq, "shared_expert_ffn_hidden_size": m.moe.shared_expert_ffn_hidden_size,
+            "expert_bias": m.moe.router.expert_bias_update_rate > 0,
+        },
     }
 
 
@@ -125,7 +130,7 @@ class Trainer:
                               self.device)
         micro_batches = t.global_batch_size // (t.micro_batch_size * topology.dp)
         self.schedule = PipelineSchedule(topology.pp, micro_batches, chunks)
-        self.eval_schedule = PipelineSchedule(topology.pp, micro_batches, chunks, train=False)
+        self.eval_schedule = PipelineSchedule(topology.pp, cfg.eval.iters * micro_batches, chunks, train=False)
         self.most_in_flight = 0
         self.model.init_parameters(cfg.run.seed)
         self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
@@ -314,7 +319,9 @@ class Trainer:
             f"layout: {self.topology.world_size} rank(s), TP{self.topology.tp} x CP{self.topology.cp} x "
             f"DP{self.topology.dp} x PP{self.topology.pp}"
             + (" with sequence parallelism" if self.topology.sequence_parallel else "")
-            + (", distributed optimizer" if self.cfg.optimizer.distributed else ""),
+            + (", distributed optimizer" if self.cfg.optimizer.distributed else "")
+            + (f"; experts ETP{self.topology.sizes.expert_tp} x EP{self.topology.sizes.ep} x "
+               f"EDP{self.topology.sizes.edp}" if m.moe.num_experts else ""),
         ]
         if self.topology.pp > 1:
             lines.append("pipeline: " + describe_chunks(self.chunks))

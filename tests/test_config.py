@@ -57,6 +57,8 @@ def test_name_and_type_errors(override, message):
          "num_groups must divide num_experts=8"),
         (["model.moe.num_experts=8", "model.moe.router.expert_bias_update_rate=1e-3"], "needs router.score=sigmoid"),
         (["model.moe.num_experts=8", "model.moe.router.num_groups=4"], "num_groups and group_top_k go together"),
+        (["model.moe.num_experts=8", "model.moe.top_k=4", "model.moe.router.num_groups=4", "model.moe.router.group_top_k=1"],
+         "must supply top_k / group_top_k = 4 experts but holds only num_experts / num_groups = 2"),
         (["model.moe.num_experts=8", "model.moe.dispatcher=all2all"], "did you mean 'alltoall'"),
         (["parallel.tensor=3"], "does not divide the world size 1"),
         (["parallel.expert=4"], "parallel.expert_tensor x parallel.expert x parallel.pipeline = 1 x 4 x 1 = 4"),

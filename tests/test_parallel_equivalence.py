@@ -133,6 +133,9 @@ MOE_LAYOUTS = {
     "PP2 x TP2 SP, EP2": (4, [
         "parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
         "parallel.expert_tensor=1"]),
+    # EDP2: every expert on two ranks, its gradient summed over them, its Adam states sharded over them
+    "DP4, experts EP2 x EDP2 distributed optimizer": (4, ["parallel.expert=2", "optimizer.distributed=true"]),
+    "PP2 interleaved x DP2, EP2": (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.expert=2"]),
     "TP2 SP x DP2, ETP2 x EP2 distributed optimizer": (4, [
         "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2", "optimizer.distributed=true"]),
 }

@@ -38,9 +38,13 @@ def test_same_seed_same_losses(tmp_path, tiny_corpus):
     assert [r["loss"] for r in read_metrics(a)] == [r["loss"] for r in read_metrics(b)]
 
 
-@pytest.mark.parametrize("precision, distributed", [("fp32", "false"), ("bf16", "false"), ("fp32", "true")])
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, precision, distributed):
-    extra = (f"precision.dtype={precision}", "model.gpas.enabled=true", f"optimizer.distributed={distributed}")
+MOE = ("model.moe.num_experts=4", "model.moe.capacity_factor=1.0", "model.moe.drop_policy=position")
+
+
+@pytest.mark.parametrize("precision, distributed, model", [
+    ("fp32", "false", ()), ("bf16", "false", ()), ("fp32", "true", ()), ("bf16", "true", MOE)])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, precision, distributed, model):
+    extra = (f"precision.dtype={precision}", "model.gpas.enabled=true", f"optimizer.distributed={distributed}", *model)
     full = tiny_config(tmp_path / "full", tiny_corpus, *extra)
     train(full)
     part = tiny_config(tmp_path / "part", tiny_corpus, *extra, "train.stop_at_step=3", "checkpoint.interval=0")
@@ -106,6 +110,22 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_corpus):
     train(tiny_config(tmp_path, tiny_corpus, "train.iters=3"))
     with pytest.raises(CheckpointError, match="hidden_size 32 .checkpoint. vs 64 .config."):
         Trainer(tiny_config(tmp_path, tiny_corpus, "model.hidden_size=64"))
+    with pytest.raises(CheckpointError, match="moe None .checkpoint."):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "model.moe.num_experts=4"))
+
+
+def test_evaluation_reads_every_validation_batch(tmp_path, tiny_corpus):
+    from data.loader import eval_batches
+
+    trainer = Trainer(tiny_config(tmp_path, tiny_corpus, "eval.iters=3", "train.micro_batch_size=2"))
+    stream, t = trainer.data.validation[0], trainer.cfg.train
+    batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, 3, 0, 1))
+    assert len(batches) == 6
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = sum(float(trainer.stage_forward(b, None)) for b in batches) / len(batches)
+    (got,) = trainer.evaluate().values()
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_missing_checkpoint_path_is_an_error(tmp_path, tiny_corpus):

@@ -42,12 +42,23 @@ class Experts(nn.Module):
             param.experts = range(ep_rank * local, (ep_rank + 1) * local)  # their global numbers
             param.full_shape = (moe.num_experts, *full)
             param.partition_dim = dim if etp > 1 else None
-        if moe.experts == "grouped" and not hasattr(F, "grouped_mm"):
-            raise RuntimeError("model.moe.experts=grouped: this torch has no grouped matmul; use auto or loop")
-        self.grouped = moe.experts != "loop" and hasattr(F, "grouped_mm")
+        self.kind = moe.experts  # "grouped" is checked by the config: this torch has the op
+        self.widths = (hidden, ffn // etp)
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        """The grouped matmul needs rows of 16-byte multiples, and on CUDA bf16; its backward cannot take zero
+        rows. `auto` falls back to the loop where it cannot run; `grouped` insists."""
+        if self.kind == "loop" or not hasattr(F, "grouped_mm") or x.shape[0] == 0:
+            return False
+        if self.kind == "grouped":
+            return True
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        aligned = all(width * dtype.itemsize % 16 == 0 for width in self.widths)
+        return aligned and (x.device.type == "cpu" or dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int], probs: torch.Tensor) -> torch.Tensor:
-        if self.grouped and x.shape[0] > 0:  # (its backward cannot take zero rows: the loop handles those)
+        if self.use_grouped(x):
             return self._grouped(x, tokens_per_expert, probs)
         outputs = []
         for i, (rows, p) in enumerate(zip(x.split(tokens_per_expert), probs.split(tokens_per_expert))):

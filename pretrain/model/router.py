@@ -10,7 +10,8 @@ probabilities of expert i and n_i the tokens choosing i) differ in where n_i and
 `aux_loss` over the micro-batch's sequence shards (TP x CP), `seq_aux_loss` per sequence,
 `global_aux_loss` over TP x DP x CP and the micro-batches so far (times DP, so that it has the
 scale of `aux_loss`: Megatron-LM's is DP times weaker, its issue #3672). Each rank's value is a
-partial (its own probabilities): the partials of TP x CP sum to the micro-batch's loss. The losses
+partial (its own probabilities): the partials of TP x CP sum to the micro-batch's loss (for
+`global_aux_loss`: the partials of TP x DP x CP, divided by DP, to the mean over DP). The losses
 are not added to the training loss; their gradient is injected by `AuxLossScaler` in backward,
 scaled by CP / micro-batches so that the trainer's averaging over DP x CP and micro-batches
 leaves exactly the loss's gradient. The z-loss (mean squared logsumexp of the logits) goes the same way.
@@ -56,7 +57,7 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) ->
 class Router(nn.Module):
     def __init__(self, cfg: MoEConfig, hidden_size: int, topology: Topology):
         super().__init__()
-        self.cfg, self.topology = cfg, topology
+        self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         self.weight.sequence_parallel = topology.sequence_parallel  # sees only this rank's tokens under SP
@@ -78,8 +79,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] this rank's tokens (`batch` sequences of T / batch tokens each). Returns the routing
-        probabilities [T, E] (zero where a token does not go) and the routing map [T, E] (bool)."""
-        logits = F.linear(x.float(), self.weight.float())  # fp32 routing, also under bf16 autocast
+        probabilities [T, E] (zero where a token does not go) and the routing map [T, E] (bool).
+        Routing runs in fp32 also under bf16 autocast: the choice of experts is sensitive to rounding."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x.float(), batch)
+
+    def _route(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight.float())
         training = self.training and torch.is_grad_enabled()
         router = self.cfg.router
         if training and router.z_loss_coeff > 0:
@@ -168,9 +174,9 @@ class Router(nn.Module):
         capacity = expert_capacity(T, self.top_k, self.num_experts, self.cfg.capacity_factor)
         if self.cfg.drop_policy == "probs":
             rank = probs.detach()
-        else:  # earlier positions first; routed tokens before the others
-            position = torch.arange(T, 0, -1, device=probs.device, dtype=probs.dtype)[:, None]
-            rank = routing_map * (T + 1) + position
+        else:  # earlier positions first; routed tokens before the others (integers: exact for any T)
+            position = torch.arange(T, 0, -1, device=probs.device)[:, None]
+            rank = routing_map.long() * (T + 1) + position
         keep = torch.zeros_like(routing_map).scatter(0, rank.topk(capacity, dim=0).indices, True)
         routing_map = keep if self.cfg.pad_to_capacity else routing_map & keep
         return probs * routing_map, routing_map
