@@ -123,14 +123,10 @@ class Trainer:
         self.plan, self.data = distributed.rank0_first(lambda: self._build_data(eval_samples))
 
         torch.manual_seed(cfg.run.seed)
-        chunks = len(self.chunks[0])
         self.model = GPT(cfg.model, vocab_size, topology, self.chunks[topology.pp_rank]).to(self.device)
         local_tokens = cfg.model.seq_length // topology.cp // (topology.tp if topology.sequence_parallel else 1)
         self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size), torch.float32,
                               self.device)
-        micro_batches = t.global_batch_size // (t.micro_batch_size * topology.dp)
-        self.schedule = PipelineSchedule(topology.pp, micro_batches, chunks)
-        self.eval_schedule = PipelineSchedule(topology.pp, cfg.eval.iters * micro_batches, chunks, train=False)
         self.most_in_flight = 0
         self.model.init_parameters(cfg.run.seed)
         self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
@@ -144,6 +140,9 @@ class Trainer:
             self.data, t.global_batch_size, t.micro_batch_size, topology.dp_rank, topology.dp,
             meta["consumed_samples"], d.prefetch,
         )
+        micro_batches, chunks = self.loader.micro_batches_per_step, len(self.chunks[0])
+        self.schedule = PipelineSchedule(topology.pp, micro_batches, chunks)
+        self.eval_schedule = PipelineSchedule(topology.pp, cfg.eval.iters * micro_batches, chunks, train=False)
         self.source_samples = self.data.schedule.counts(0, meta["consumed_samples"])
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
         self.metrics = Metrics(
