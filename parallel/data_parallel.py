@@ -41,6 +41,11 @@ class Bucket:
     deferred: bool = False  # tied embedding copies: summed over the embedding group first, in finish()
     ranges: dict = field(default_factory=dict)  # param -> (start, end) in the flat buffers
 
+    @property
+    def shard_size(self) -> int:
+        """Elements of each rank's slice."""
+        return (self.end - self.start) // self.size
+
 
 class GradBuffer:
     """Contiguous gradient buffer in buckets; reduces each bucket over its replicas as soon as it is complete.
@@ -81,7 +86,7 @@ class GradBuffer:
         shard_size = 0
         for bucket in self.buckets:
             bucket.shard_start = shard_size
-            shard_size += (bucket.end - bucket.start) // bucket.size
+            shard_size += bucket.shard_size
         self.grad_shard = torch.zeros(shard_size, dtype=torch.float32, device=device) if shard else None
         self.bucket_of = {}
         for bucket in self.buckets:
@@ -105,7 +110,7 @@ class GradBuffer:
 
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """This rank's slice of a bucket, in flat-buffer coordinates."""
-        chunk = (bucket.end - bucket.start) // bucket.size
+        chunk = bucket.shard_size
         return bucket.start + bucket.rank * chunk, bucket.start + (bucket.rank + 1) * chunk
 
     # ------------------------------------------------------------------ during backward
@@ -139,8 +144,7 @@ class GradBuffer:
             bucket.handle = dist.all_reduce(data, group=bucket.group, async_op=True)
 
     def _shard_view(self, bucket: Bucket) -> torch.Tensor:
-        chunk = (bucket.end - bucket.start) // bucket.size
-        return self.grad_shard[bucket.shard_start:bucket.shard_start + chunk]
+        return self.grad_shard[bucket.shard_start:bucket.shard_start + bucket.shard_size]
 
     def finish(self) -> None:
         """Complete the reduction: buckets never completed (unused parameters) go now, in bucket order;

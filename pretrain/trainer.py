@@ -373,13 +373,13 @@ class Trainer:
         return {"step": self.step, "first_loss": self.metrics.first_loss, "last_loss": self.metrics.last_loss,
                 "val_loss": self.metrics.last_val_loss}
 
-    def gpas_scales(self) -> dict[str, float]:
-        """Every layer's GPAS scale, gathered from the pipeline stages, in layer order."""
-        scales = [self.model.gpas_scales()]
+    def by_layer(self, local: dict) -> dict:
+        """Per-layer values of this stage (keyed by global layer number) merged with the other stages', in layer order."""
+        stages = [local]
         if self.topology.pp > 1:
-            scales = [None] * self.topology.pp
-            torch.distributed.all_gather_object(scales, self.model.gpas_scales(), group=self.topology.groups["pp"])
-        merged = {k: v for stage in scales for k, v in stage.items()}
+            stages = [None] * self.topology.pp
+            torch.distributed.all_gather_object(stages, local, group=self.topology.groups["pp"])
+        merged = {k: v for stage in stages for k, v in stage.items()}
         return {k: merged[k] for k in sorted(merged, key=int)}
 
     def step_record(self, grad_norm: float, evaluating: bool) -> dict:
@@ -399,7 +399,7 @@ class Trainer:
             if len(by_source) > 1:
                 record["val_loss_by_source"] = by_source
         if self.cfg.model.gpas.enabled:
-            record["gpas_scale"] = self.gpas_scales()
+            record["gpas_scale"] = self.by_layer(self.model.gpas_scales())
         if self.cfg.model.moe.num_experts:
             record.update(self.moe_record())
         return record
@@ -418,20 +418,16 @@ class Trainer:
                       "routed": float(row[2]), "kept": float(row[3]),
                       "load_imbalance": float(row[4:].max() / row[4:].mean().clamp_min(1e-9))}
                   for i, row in zip(local, rows.cpu())}
-        if tp.pp > 1:
-            stages = [None] * tp.pp
-            torch.distributed.all_gather_object(stages, layers, group=tp.groups["pp"])
-            layers = {k: v for stage in stages for k, v in stage.items()}
-        order = sorted(layers, key=int)
-        mean = lambda key: sum(layers[i][key] for i in order) / len(order)  # noqa: E731
+        layers = self.by_layer(layers)
+        total = lambda key: sum(layer[key] for layer in layers.values())  # noqa: E731
         record = {
-            "moe_aux_loss": mean("aux_loss"), "moe_load_imbalance": mean("load_imbalance"),
-            "moe_dropped_fraction": 1.0 - sum(layers[i]["kept"] for i in order) / sum(layers[i]["routed"] for i in order),
-            "moe_aux_loss_by_layer": {i: layers[i]["aux_loss"] for i in order},
-            "moe_load_imbalance_by_layer": {i: layers[i]["load_imbalance"] for i in order},
+            "moe_aux_loss": total("aux_loss") / len(layers), "moe_load_imbalance": total("load_imbalance") / len(layers),
+            "moe_dropped_fraction": 1.0 - total("kept") / total("routed"),
+            "moe_aux_loss_by_layer": {i: layer["aux_loss"] for i, layer in layers.items()},
+            "moe_load_imbalance_by_layer": {i: layer["load_imbalance"] for i, layer in layers.items()},
         }
         if self.cfg.model.moe.router.z_loss_coeff > 0:
-            record["moe_z_loss"] = mean("z_loss")
+            record["moe_z_loss"] = total("z_loss") / len(layers)
         return record
 
 
