@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from parallel.pipeline import Stage
+from parallel.placement import placement_of
 from parallel.topology import Sizes, Topology, group_tables
 from pretrain.config import ModelConfig
 from pretrain.model import GPT
@@ -34,13 +36,13 @@ class RankParameters:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(split, replicated, expert) elements of a model: tensor-parallel layers mark their weights with
-    `partition_dim`, experts with `expert`."""
+    """(split, replicated, expert) elements of a model, by each parameter's placement."""
     split = replicated = expert = 0
     for param in model.parameters():
-        if getattr(param, "expert", False):
+        placement = placement_of(param)
+        if placement.expert:
             expert += param.numel()
-        elif getattr(param, "partition_dim", None) is None:
+        elif not placement.split_over_tensor_group:
             replicated += param.numel()
         else:
             split += param.numel()
@@ -63,7 +65,8 @@ def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes
         for tp_rank, rank in enumerate(ranks):
             topology = Topology.build(sizes, rank, create_groups=False)
             with torch.device("meta"):
-                model = GPT(model_cfg, vocab_size, topology, chunks[topology.pp_rank])
+                model = GPT(model_cfg, vocab_size, topology,
+                            Stage.of(topology, chunks, tie_embeddings=model_cfg.tie_embeddings))
             counts.append(RankParameters(topology.pp_rank, tp_rank, *count_parameters(model)))
     return sorted(counts, key=lambda c: (c.stage, c.tp_rank))
 

@@ -25,10 +25,12 @@ ordering of sends can deadlock, for any order of actions that is itself valid.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+
+from parallel.placement import restage
 
 
 def pipeline_chunks(num_layers: int, stages: int, chunks: int = 1, first: Optional[int] = None,
@@ -60,6 +62,53 @@ def pipeline_chunks(num_layers: int, stages: int, chunks: int = 1, first: Option
     starts = [sum(sizes[:v]) for v in range(pieces)]
     ranges = [range(a, a + n) for a, n in zip(starts, sizes)]
     return [[ranges[c * stages + s] for c in range(chunks)] for s in range(stages)]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one pipeline stage builds: the global numbers of the decoder layers of each of its chunks, and
+    whether it holds the model's input end (the embedding, on the first chunk of the first stage) and its
+    output end (the final norm and the output layer, on the last chunk of the last stage). With tied
+    embeddings and more than one stage, the last stage holds its own copy of the embedding table
+    (`tied_copies`), kept equal by summing both copies' gradients over the embedding group."""
+
+    chunks: tuple[range, ...]
+    first: bool = True
+    last: bool = True
+    tie_embeddings: bool = False
+
+    @classmethod
+    def of(cls, topology, chunks: list[list[range]], *, tie_embeddings: bool) -> "Stage":
+        """This rank's stage of the split `chunks` (from `pipeline_chunks`)."""
+        return cls(tuple(chunks[topology.pp_rank]), topology.is_first_stage, topology.is_last_stage, tie_embeddings)
+
+    @classmethod
+    def whole(cls, num_layers: int, *, tie_embeddings: bool = False) -> "Stage":
+        """The whole model on one stage."""
+        return cls((range(num_layers),), tie_embeddings=tie_embeddings)
+
+    @property
+    def holds_embedding(self) -> bool:
+        return self.first or (self.last and self.tie_embeddings)
+
+    @property
+    def tied_copies(self) -> bool:
+        return self.tie_embeddings and not (self.first and self.last)
+
+    def starts_model(self, chunk: int) -> bool:
+        return self.first and chunk == 0
+
+    def ends_model(self, chunk: int) -> bool:
+        return self.last and chunk == len(self.chunks) - 1
+
+    def assign(self, parameters_of_chunk: Iterable[Iterable[torch.nn.Parameter]],
+               embedding: Optional[torch.nn.Parameter]) -> None:
+        """Record in every parameter's placement the chunk whose backward pass produces its gradient (gradient
+        buckets never span chunks: each chunk finishes its backward passes on its own), and mark the copies of
+        a tied embedding table."""
+        for chunk, parameters in enumerate(parameters_of_chunk):
+            for param in parameters:
+                restage(param, chunk=chunk, tied=self.tied_copies and param is embedding)
 
 
 def describe_chunks(chunks: list[list[range]]) -> str:
@@ -119,7 +168,8 @@ class PipelineSchedule:
         self.ticks = self._play()
 
     def most_in_flight(self, stage: int) -> int:
-        """The most micro-batch chunks whose activations `stage` keeps alive at once under this order."""
+        """The most micro-batch chunks whose activations `stage` keeps alive at once under this order (a
+        forward's activations live until its backward)."""
         alive = most = 0
         for action in self.orders[stage]:
             alive += -1 if action.backward else 1
@@ -193,17 +243,16 @@ def run_schedule(
     link: StageLink,
     forward: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor],
     before_backward: Callable[[int, int], None] = lambda micro_batch, chunk: None,
-) -> tuple[list[torch.Tensor], int]:
+) -> list[torch.Tensor]:
     """Run this stage's part of the schedule. forward(micro_batch, chunk, input) runs one chunk (input: the
     previous virtual stage's output, None on the first) and returns its output, or on the last virtual
     stage the loss (in training, already divided by the number of micro-batches). before_backward(
     micro_batch, chunk) is called before each backward pass.
 
-    Returns the last virtual stage's outputs in micro-batch order (empty on other stages) and the most
-    micro-batch chunks whose activations were alive at once on this stage."""
+    Returns the last virtual stage's outputs in micro-batch order (empty on other stages)."""
     inbox: dict[Action, torch.Tensor] = {}
     alive: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
-    losses, most = {}, 0
+    losses = {}
     for tick in schedule.ticks[link.stage]:
         result = None
         action = tick.action
@@ -216,7 +265,6 @@ def run_schedule(
                 losses[action.micro_batch] = result
             if result.requires_grad:
                 alive[(action.micro_batch, action.chunk)] = (received, result)
-                most = max(most, len(alive))
         elif action is not None:
             received, output = alive.pop((action.micro_batch, action.chunk))
             before_backward(action.micro_batch, action.chunk)
@@ -225,4 +273,15 @@ def run_schedule(
         sends = [(result.detach(), peer) for peer, _ in tick.sends]
         for (_, consumer), tensor in zip(tick.receives, link.exchange(sends, [peer for peer, _ in tick.receives])):
             inbox[consumer] = tensor
-    return [losses[i] for i in sorted(losses)], most
+    return [losses[i] for i in sorted(losses)]
+
+
+def gather_over_stages(local: dict, topology) -> dict:
+    """Per-layer values of this stage (keyed by global layer number) merged with the other stages', in layer
+    order; every rank of the pipeline group must call it."""
+    stages = [local]
+    if topology.pp > 1:
+        stages = [None] * topology.pp
+        dist.all_gather_object(stages, local, group=topology.groups["pp"])
+    merged = {k: v for stage in stages for k, v in stage.items()}
+    return {k: merged[k] for k in sorted(merged, key=int)}

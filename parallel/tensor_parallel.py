@@ -6,11 +6,11 @@ row-parallel layer sums its partial outputs. With sequence parallelism, activati
 between layers are split along the sequence instead: a column-parallel layer all-gathers
 its input along the sequence, a row-parallel layer reduce-scatters its output, and the
 norms in between run on sequence shards (their weight gradients are then partial sums,
-added over TP by the gradient synchronisation: such weights are marked `sequence_parallel`).
+added over TP by the gradient synchronisation: their placement says `sequence_parallel`).
 
-Every weight carries `full_shape` and `partition_dim` so that initialisation can draw the
-full tensor from a name-keyed generator and keep this rank's slice: the same seed gives
-the same model whatever the layout.
+Every weight gets its `Placement` (parallel/placement.py) here, where it is made, so that
+initialisation can draw the global tensor from a name-keyed generator and keep this rank's
+piece: the same seed gives the same model whatever the layout.
 """
 
 from __future__ import annotations
@@ -19,23 +19,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel.collectives import copy_to_group, gather_along, group_rank, group_size, reduce_from_group, reduce_scatter_along
+from parallel.collectives import (
+    copy_to_group, gather_along, group_rank, group_size, reduce_from_group, reduce_scatter_along,
+)
+from parallel.placement import Placement, place, placement_of, split
 from parallel.topology import Topology
 
 SEQ_DIM = 1  # activations between layers are [batch, sequence, hidden]
 
 
-def mark_partition(param: nn.Parameter, full_shape, dim: int | None) -> nn.Parameter:
-    param.full_shape = tuple(full_shape)
-    param.partition_dim = dim
-    return param
-
-
-def take_shard(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of `full` along `dim` (all of it when `dim` is None)."""
-    if dim is None or size == 1:
-        return full
-    return full.chunk(size, dim=dim)[rank]
+def tensor_parallel_weight(local_shape: tuple[int, int], global_shape: tuple[int, int], dim: int,
+                           topology: Topology) -> nn.Parameter:
+    """A new weight holding this TP rank's piece of dimension `dim` of a `global_shape` tensor."""
+    placement = Placement(tuple(global_shape), split(dim, "tp", topology.tp_rank, topology.tp))
+    return place(nn.Parameter(torch.empty(local_shape)), placement)
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -65,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.topology, self.sequence_parallel = topology, sequence_parallel
         local_out = _divide(out_features, topology.tp, "output features")
-        self.weight = mark_partition(nn.Parameter(torch.empty(local_out, in_features)), (out_features, in_features), 0)
+        self.weight = tensor_parallel_weight((local_out, in_features), (out_features, in_features), 0, topology)
 
     def forward(self, x: torch.Tensor, entered: bool = False) -> torch.Tensor:
         """`entered`: `x` is already the output of `enter_tensor_parallel` (shared by several layers)."""
@@ -81,7 +78,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.topology, self.sequence_parallel = topology, sequence_parallel
         local_in = _divide(in_features, topology.tp, "input features")
-        self.weight = mark_partition(nn.Parameter(torch.empty(out_features, local_in)), (out_features, in_features), 1)
+        self.weight = tensor_parallel_weight((out_features, local_in), (out_features, in_features), 1, topology)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return leave_tensor_parallel(F.linear(x, self.weight), self.topology, self.sequence_parallel)
@@ -95,7 +92,7 @@ class VocabParallelEmbedding(nn.Module):
         self.topology, self.sequence_parallel = topology, sequence_parallel
         local = _divide(vocab_size, topology.tp, "vocabulary size")
         self.start = topology.tp_rank * local
-        self.weight = mark_partition(nn.Parameter(torch.empty(local, hidden_size)), (vocab_size, hidden_size), 0)
+        self.weight = tensor_parallel_weight((local, hidden_size), (vocab_size, hidden_size), 0, topology)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.topology.tp == 1:
@@ -145,9 +142,10 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, top
     return _VocabParallelCrossEntropy.apply(logits, labels, topology.tp_group)
 
 
-def init_normal_(param: nn.Parameter, std: float, generator: torch.Generator, rank: int, size: int) -> None:
-    """Fill `param` with this rank's slice of a full N(0, std) tensor drawn from `generator`."""
-    full = torch.empty(param.full_shape, dtype=torch.float32)
+def init_normal_(param: nn.Parameter, std: float, generator: torch.Generator) -> None:
+    """Fill `param` with this rank's piece of a global N(0, std) tensor drawn from `generator`."""
+    placement = placement_of(param)
+    full = torch.empty(placement.global_shape, dtype=torch.float32)
     full.normal_(0.0, std, generator=generator)
     with torch.no_grad():
-        param.copy_(take_shard(full, param.partition_dim, rank, size))
+        param.copy_(full[placement.local_slices()])

@@ -218,6 +218,10 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    def index_in(self, group: str) -> int:
+        """This rank's position in its group named `group` (for example "dp-cp", "etp", "edp")."""
+        return self.members[group].index(self.rank)
+
     def layout(self) -> dict:
         """The sizes that shape every rank's state; a checkpoint saved with another layout is refused."""
         s = self.sizes

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import warnings
 from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from parallel.placement import placement_of
 from pretrain.distributed import barrier
 
 LATEST = "latest"
@@ -55,50 +58,26 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, saving: bool) ->
     or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice; (tp, dpcp) names a rank
     of the stage). Expert weights, and their plain-optimizer states, are replicated over EDP instead:
     they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0."""
-    shard, d = f"pp{topology.pp_rank}.tp{topology.tp_rank}", topology.coords["dp_cp"]
-    expert_shard = f"pp{topology.pp_rank}.ep{topology.coords['ep']}.etp{topology.coords['etp']}"
-    writer = d == 0 or not saving
-    expert_writer = topology.coords["edp"] == 0 or not saving
-    experts = {n for n, p in model.named_parameters() if getattr(p, "expert", False)}
+    keys = _keys(topology, saving)
+    experts = {n for n, p in model.named_parameters() if placement_of(p).expert}
     weights = model.state_dict()
-    state = {}
-    if writer:
-        state[f"model.{shard}"] = {k: v for k, v in weights.items() if k not in experts}
-    if experts and expert_writer:
-        state[f"experts.{expert_shard}"] = {k: v for k, v in weights.items() if k in experts}
-    if optimizer.sharded:
-        state[f"optim.{shard}.dpcp{d}"] = _optimizer_state(optimizer.inner)
-        return state
-    params = [p for group in optimizer.inner.param_groups for p in group["params"]]
-    is_expert = lambda i: getattr(params[int(i)], "expert", False)  # noqa: E731
-    whole = _optimizer_state(optimizer.inner)
-    if writer:
-        state[f"optim.{shard}"] = {**whole, "state": {k: v for k, v in whole["state"].items() if not is_expert(k)}}
-    if experts and expert_writer:
-        state[f"optim_experts.{expert_shard}"] = {"state": {k: v for k, v in whole["state"].items() if is_expert(k)}}
-    return state
+    parts = {"model": {k: v for k, v in weights.items() if k not in experts}}
+    if experts:
+        parts["model_experts"] = {k: v for k, v in weights.items() if k in experts}
+    parts.update(optimizer.state_parts())
+    return {keys[part][0]: value for part, value in parts.items() if keys[part][1]}
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    state = optimizer.state_dict()
-    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
-
-
-def _initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter its Adam state (a step with zero gradients and learning rate 0 changes no weight),
-    so that a checkpoint can be loaded into the tensors in place."""
-    if optimizer.state:
-        return
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-        for p in group["params"]:
-            p.grad = None
+def _keys(topology, saving: bool) -> dict[str, tuple[str, bool]]:
+    """Each part of a rank's state (its dense and expert weights, the optimizer's parts: see
+    parallel/optimizer.py) -> (its key, whether this rank writes it)."""
+    dense = f"pp{topology.pp_rank}.tp{topology.tp_rank}"
+    expert = f"pp{topology.pp_rank}.ep{topology.coords['ep']}.etp{topology.coords['etp']}"
+    dense_writer = topology.coords["dp_cp"] == 0 or not saving
+    expert_writer = topology.coords["edp"] == 0 or not saving
+    return {"model": (f"model.{dense}", dense_writer), "model_experts": (f"experts.{expert}", expert_writer),
+            "dense": (f"optim.{dense}", dense_writer), "experts": (f"optim_experts.{expert}", expert_writer),
+            "own": (f"optim.{dense}.dpcp{topology.coords['dp_cp']}", True)}
 
 
 def save(
@@ -216,26 +195,30 @@ def check_compatible(path: str, meta: dict, model_signature: dict, layout: dict)
 def load(path: str, model: torch.nn.Module, optimizer, topology) -> dict:
     """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first); return its meta."""
     meta = read_meta(path)
-    inner = optimizer.inner
-    _initialise_optimizer_state(inner)
+    optimizer.materialize_state()
     state = _sharded_state(model, optimizer, topology, saving=False)
     rng_path = os.path.join(path, f"rng_rank{topology.rank}.pt")
-    try:  # DCP and torch.load raise many kinds of errors; all mean the same to the user
+    try:  # only reading is labelled: a mismatch after check_compatible is a bug and keeps its traceback
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=path)
-        model.load_state_dict({k: v for name, part in state.items() if name.startswith(("model.", "experts."))
-                               for k, v in part.items()})
-        saved = next(v for k, v in state.items() if k.startswith("optim."))
-        expert_states = next((v["state"] for k, v in state.items() if k.startswith("optim_experts.")), {})
-        inner.load_state_dict({"state": {int(k): v for k, v in {**saved["state"], **expert_states}.items()},
-                               "param_groups": saved["param_groups"]})
         rng = torch.load(rng_path, weights_only=False)
-    except Exception as err:
-        first_line = (str(err).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(err).__name__}: {first_line})") from err
+    except (CheckpointException, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({_reason(err)})") from err
+    keys = _keys(topology, saving=False)
+    model.load_state_dict({k: v for part in ("model", "model_experts") if keys[part][0] in state
+                           for k, v in state[keys[part][0]].items()})
+    optimizer.load_state_parts({part: state[key] for part, (key, _) in keys.items() if key in state})
     _set_rng_state(rng)
     return meta
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of what went wrong (for DCP: of the first rank's failure, which it wraps)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        failure = next(iter(err.failures.values()))
+        err = failure[0] if isinstance(failure, tuple) else failure
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def _rng_state() -> dict:

@@ -18,15 +18,17 @@ from data.indexed import DatasetError
 from data.loader import DataLoader, eval_batches
 from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import build_tokenizer
+from parallel.buckets import BucketLayout
 from parallel.context_parallel import split_sequence
-from parallel.data_parallel import DistributedAdamW, GradBuffer, PlainAdamW
-from parallel.pipeline import PipelineSchedule, StageLink, describe_chunks, pipeline_chunks, run_schedule
+from parallel.data_parallel import GradReducer
+from parallel.optimizer import DistributedAdamW, PlainAdamW, adopt_flat_storage
+from parallel.pipeline import PipelineSchedule, Stage, StageLink, describe_chunks, pipeline_chunks, run_schedule
 from parallel.topology import Topology
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, parse_split
 from pretrain.metrics import Metrics
-from pretrain.model import GPT, padded_vocab_size
+from pretrain.model import GPT, model_signature, padded_vocab_size
 from pretrain.objectives import next_token_loss
 from pretrain.schedule import learning_rate
 
@@ -35,29 +37,26 @@ class NonFiniteError(RuntimeError):
     """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
 
 
-def build_optimizer(grads: GradBuffer, cfg: Config, device: torch.device):
-    """AdamW with weight decay on matrices only (not on norms or GPAS gates), fused where supported;
-    with optimizer.distributed, its states sharded over the data x context-parallel ranks."""
+def build_gradients(model: torch.nn.Module, cfg: Config, topology: Topology, device: torch.device) -> GradReducer:
+    """The gradient buffer in buckets (padded for sharding with optimizer.distributed) and its reducer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    layout = BucketLayout.build(
+        params, replicas={name: len(topology.members[name]) for name in ("dp-cp", "edp")},
+        bucket_elements=int(cfg.parallel.grad_bucket_mb * 2**20 / 4), sharded=cfg.optimizer.distributed,
+    )
+    return GradReducer(layout, topology, device)
+
+
+def build_optimizer(grads: GradReducer, cfg: Config, *, device: torch.device):
+    """AdamW with weight decay on matrices only (not on norms or GPAS gates), fused where supported; with
+    optimizer.distributed, its states sharded over the data groups, and the model's weights moved into one
+    flat buffer laid out like the gradients (`adopt_flat_storage`: the one place where that happens)."""
     o = cfg.optimizer
-    fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
-    kind = DistributedAdamW if o.distributed else PlainAdamW
-    return kind(grads, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, fused)
-
-
-def model_signature(cfg: Config) -> dict:
-    """What a checkpoint's tensors depend on; a resume with a different signature is refused."""
-    m = cfg.model
-    return {
-        "vocab_size": m.vocab_size, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
-        "num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
-        "ffn_hidden_size": m.ffn_size, "activation": m.activation, "norm": m.norm,
-        "tie_embeddings": m.tie_embeddings, "gpas": m.gpas.enabled,
-        "moe": None if m.moe.num_experts is None else {
-            "num_experts": m.moe.num_experts, "ffn_hidden_size": m.moe.ffn_hidden_size or m.ffn_size,
-            "layer_freq": m.moe.layer_freq, "shared_expert_ffn_hidden_size": m.moe.shared_expert_ffn_hidden_size,
-            "expert_bias": m.moe.router.expert_bias_update_rate > 0,
-        },
-    }
+    hyper = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay,
+             "fused": o.fused if o.fused is not None else device.type in ("cuda", "cpu")}
+    if o.distributed:
+        return DistributedAdamW(grads, adopt_flat_storage(grads.layout, device), **hyper)
+    return PlainAdamW(grads, **hyper)
 
 
 def load_tokenizer(cfg: Config):
@@ -110,7 +109,7 @@ class Trainer:
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else {"step": 0, "consumed_samples": 0}
         checkpoint.check_no_later_checkpoints(self.ckpt_dir, meta["step"])
         if self.resume_from:
-            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg), self.layout())
+            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg.model), self.layout())
             if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
                 raise CheckpointError(
                     f"{self.resume_from} was trained with other data settings (sources, phases, split, seq_length, "
@@ -123,14 +122,15 @@ class Trainer:
         self.plan, self.data = distributed.rank0_first(lambda: self._build_data(eval_samples))
 
         torch.manual_seed(cfg.run.seed)
-        self.model = GPT(cfg.model, vocab_size, topology, self.chunks[topology.pp_rank]).to(self.device)
+        self.stage = Stage.of(topology, self.chunks, tie_embeddings=cfg.model.tie_embeddings)
+        self.model = GPT(cfg.model, vocab_size, topology, self.stage).to(self.device)
         local_tokens = cfg.model.seq_length // topology.cp // (topology.tp if topology.sequence_parallel else 1)
         self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size), torch.float32,
                               self.device)
-        self.most_in_flight = 0
         self.model.init_parameters(cfg.run.seed)
-        self.grads = GradBuffer(self.model, topology, cfg.parallel.grad_bucket_mb, shard=cfg.optimizer.distributed)
-        self.optimizer = build_optimizer(self.grads, cfg, self.device)
+        self.features = self.model.features()
+        self.grads = build_gradients(self.model, cfg, topology, self.device)
+        self.optimizer = build_optimizer(self.grads, cfg, device=self.device)
         if self.resume_from:
             meta = checkpoint.load(self.resume_from, self.model, self.optimizer, topology)
         self.step = meta["step"]
@@ -149,8 +149,6 @@ class Trainer:
             cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main,
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
         )
-        self.gates = {p for n, p in self.model.named_parameters() if n.endswith("gpas.gate")}
-        self.routers = self.model.routers()
 
     def layout(self) -> dict:
         """What the shards of a checkpoint depend on: the parallel layout and how optimizer states are sharded."""
@@ -182,8 +180,8 @@ class Trainer:
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         ids, labels, positions = (split_sequence(x, tp.cp_rank, tp.cp) for x in (ids, labels, positions))
         with self.autocast():
-            output = self.model(ids if self.model.starts_model(chunk) else received, positions, chunk)
-        return next_token_loss(output, labels, tp) if self.model.ends_model(chunk) else output
+            output = self.model(ids if self.stage.starts_model(chunk) else received, positions, chunk)
+        return next_token_loss(output, labels, tp) if self.stage.ends_model(chunk) else output
 
     def stage_mean(self, total: torch.Tensor) -> float:
         """A loss summed on the last stage, averaged over DP x CP and sent to every stage."""
@@ -212,9 +210,8 @@ class Trainer:
                 "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
             )
         self.optimizer.step()
-        for router in self.routers.values():
-            if router.use_bias:
-                router.update_expert_bias()
+        for feature in self.features:
+            feature.end_step()
         self.step = step
         return loss_value, grad_norm
 
@@ -227,15 +224,14 @@ class Trainer:
         self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
         count = len(micro_batches)
-        for router in self.routers.values():
-            router.reset_step()
-            router.loss_scale = self.topology.cp / count  # see pretrain/model/router.py
+        for feature in self.features:
+            feature.begin_step(count)
 
         def forward(i: int, chunk: int, received):
             output = self.stage_forward(micro_batches[i], received, chunk)
-            return output / count if self.model.ends_model(chunk) else output  # the loss: a mean over micro-batches
+            return output / count if self.stage.ends_model(chunk) else output  # the loss: a mean over micro-batches
 
-        losses, self.most_in_flight = run_schedule(
+        losses = run_schedule(
             self.schedule, self.link, forward, lambda i, chunk: self.grads.start_micro_batch(last=i == count - 1)
         )
         self.grads.finish()
@@ -255,15 +251,16 @@ class Trainer:
             )
 
     def clip_gradients(self) -> float:
-        """Clip by the global norm over every rank (the GPAS gates separately when model.gpas.gate_grad_clip
-        is set); returns the norm before clipping."""
-        gate_clip = self.cfg.model.gpas.gate_grad_clip
-        is_gate = lambda p: p in self.gates  # noqa: E731
-        if gate_clip:
-            gate_norm = self.grads.grad_norm(is_gate)
-            if gate_norm > gate_clip:
-                self.grads.scale(gate_clip / (gate_norm + 1e-6), is_gate)
-        others = (lambda p: p not in self.gates) if gate_clip else (lambda p: True)
+        """Clip by the global norm over every rank, the parameters a model feature clips on its own (GPAS gates
+        with model.gpas.gate_grad_clip) separately; returns the norm of the others before clipping."""
+        apart: set = set()
+        for params, max_norm in filter(None, (f.separate_clip() for f in self.features)):
+            selected = params.__contains__
+            norm = self.grads.grad_norm(selected)
+            if norm > max_norm:
+                self.grads.scale(max_norm / (norm + 1e-6), selected)
+            apart |= params
+        others = lambda p: p not in apart  # noqa: E731
         norm = self.grads.grad_norm(others)
         clip = self.cfg.train.grad_clip
         if clip > 0 and norm > clip:
@@ -280,7 +277,7 @@ class Trainer:
             batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
                                         tp.dp_rank, tp.dp))
             self.check_token_range(batches)
-            outputs, _ = run_schedule(self.eval_schedule, self.link,
+            outputs = run_schedule(self.eval_schedule, self.link,
                                       lambda i, chunk, received: self.stage_forward(batches[i], received, chunk))
             total = sum(outputs) / len(outputs) if outputs else torch.zeros((), device=self.device)
             by_source[stream.name] = self.stage_mean(total)
@@ -290,7 +287,7 @@ class Trainer:
     def save(self) -> None:
         meta = {
             "consumed_samples": self.loader.consumed_samples,
-            "model_signature": model_signature(self.cfg),
+            "model_signature": model_signature(self.cfg.model),
             "data_signature": data_signature(self.cfg),
             "layout": self.layout(),
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
@@ -354,8 +351,9 @@ class Trainer:
                 self.metrics.record_step(loss, time.perf_counter() - start)
                 step = self.step
                 evaluating = bool(self.data.validation) and cfg.eval.interval and step % cfg.eval.interval == 0
+                validation = self.evaluate() if evaluating else None
                 if evaluating or step % cfg.logging.interval == 0 or step == t.iters:
-                    self.metrics.log(step, self.step_record(grad_norm, evaluating))
+                    self.metrics.log(step, self.step_record(grad_norm, validation))
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                     self.save()
                 if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline)[0]:
@@ -373,16 +371,9 @@ class Trainer:
         return {"step": self.step, "first_loss": self.metrics.first_loss, "last_loss": self.metrics.last_loss,
                 "val_loss": self.metrics.last_val_loss}
 
-    def by_layer(self, local: dict) -> dict:
-        """Per-layer values of this stage (keyed by global layer number) merged with the other stages', in layer order."""
-        stages = [local]
-        if self.topology.pp > 1:
-            stages = [None] * self.topology.pp
-            torch.distributed.all_gather_object(stages, local, group=self.topology.groups["pp"])
-        merged = {k: v for stage in stages for k, v in stage.items()}
-        return {k: merged[k] for k in sorted(merged, key=int)}
-
-    def step_record(self, grad_norm: float, evaluating: bool) -> dict:
+    def step_record(self, grad_norm: float, validation: dict[str, float] | None) -> dict:
+        """What is logged for the last step: optimizer and data state, the validation losses by source (when it
+        evaluated) and every model feature's metrics."""
         schedule, seq = self.data.schedule, self.cfg.model.seq_length
         record = {
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -392,42 +383,13 @@ class Trainer:
             "phase_index": schedule.phase_of(self.loader.consumed_samples - 1),  # a number TensorBoard can plot
             "tokens_by_source": {n: int(c) * seq for n, c in zip(schedule.source_names, self.source_samples)},
         }
-        if evaluating:
-            by_source = self.evaluate()
-            record["val_loss"] = sum(by_source.values()) / len(by_source)
+        if validation is not None:
+            record["val_loss"] = sum(validation.values()) / len(validation)
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-            if len(by_source) > 1:
-                record["val_loss_by_source"] = by_source
-        if self.cfg.model.gpas.enabled:
-            record["gpas_scale"] = self.by_layer(self.model.gpas_scales())
-        if self.cfg.model.moe.num_experts:
-            record.update(self.moe_record())
-        return record
-
-    def moe_record(self) -> dict:
-        """The last step's router statistics per MoE layer, gathered over the stage's ranks and the pipeline:
-        the balancing loss (without its coefficient: about 1 when balanced) and z-loss as means over
-        micro-batches and DP, tokens per expert as max / mean, and the share of routed tokens dropped."""
-        tp, local = self.topology, sorted(self.routers, key=int)
-        rows = torch.stack([torch.cat([torch.stack([r.stats[k] for k in ("aux", "z", "routed", "kept")]), r.stats["tokens"]])
-                            for r in (self.routers[i] for i in local)]) if local else torch.zeros(0)
-        if local and len(tp.members["tp-dp-cp"]) > 1:
-            torch.distributed.all_reduce(rows, group=tp.groups["tp-dp-cp"])
-        mean_over = tp.dp * max(self.loader.micro_batches_per_step, 1)
-        layers = {i: {"aux_loss": float(row[0]) / mean_over, "z_loss": float(row[1]) / mean_over,
-                      "routed": float(row[2]), "kept": float(row[3]),
-                      "load_imbalance": float(row[4:].max() / row[4:].mean().clamp_min(1e-9))}
-                  for i, row in zip(local, rows.cpu())}
-        layers = self.by_layer(layers)
-        total = lambda key: sum(layer[key] for layer in layers.values())  # noqa: E731
-        record = {
-            "moe_aux_loss": total("aux_loss") / len(layers), "moe_load_imbalance": total("load_imbalance") / len(layers),
-            "moe_dropped_fraction": 1.0 - total("kept") / total("routed"),
-            "moe_aux_loss_by_layer": {i: layer["aux_loss"] for i, layer in layers.items()},
-            "moe_load_imbalance_by_layer": {i: layer["load_imbalance"] for i, layer in layers.items()},
-        }
-        if self.cfg.model.moe.router.z_loss_coeff > 0:
-            record["moe_z_loss"] = total("z_loss") / len(layers)
+            if len(validation) > 1:
+                record["val_loss_by_source"] = validation
+        for feature in self.features:
+            record.update(feature.metrics())
         return record
 
 

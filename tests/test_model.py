@@ -3,12 +3,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from parallel.tensor_parallel import take_shard
+from parallel.placement import Placement, split
 from parallel.topology import Topology
 from pretrain.config import ModelConfig
 from pretrain.config_loading import load_config
 from pretrain.model import GPT
-from pretrain.model.gpas import GPASGate
+from pretrain.model.gpas import GPASFeature, GPASGate
 
 VOCAB = 64
 
@@ -22,6 +22,11 @@ def small(**kw) -> ModelConfig:
             for kk, vv in v.items():
                 setattr(getattr(cfg.model, k), kk, vv)
     return cfg.model
+
+
+def gpas_scales(model: GPT) -> dict[str, float]:
+    (feature,) = [f for f in model.features() if isinstance(f, GPASFeature)]
+    return feature.local_scales()
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -107,11 +112,15 @@ def test_layernorm_and_gelu_options():
     assert torch.isfinite(model(torch.zeros(1, 16, dtype=torch.long))).all()
 
 
-def test_take_shard_splits_along_the_partition_dimension():
+def test_placement_pieces_split_along_the_partition_dimension():
     full = torch.arange(12.0).view(4, 3)
-    assert torch.equal(torch.cat([take_shard(full, 0, r, 2) for r in range(2)]), full)
-    assert torch.equal(torch.cat([take_shard(full, 1, r, 3) for r in range(3)], dim=1), full)
-    assert take_shard(full, None, 1, 2) is full
+
+    def piece(dim, rank, size):
+        return full[Placement((4, 3), split(dim, "tp", rank, size)).local_slices()]
+
+    assert torch.equal(torch.cat([piece(0, r, 2) for r in range(2)]), full)
+    assert torch.equal(torch.cat([piece(1, r, 3) for r in range(3)], dim=1), full)
+    assert torch.equal(piece(0, 1, 1), full)  # a group of one rank: the whole tensor
 
 
 # ---------------------------------------------------------------- GPAS
@@ -120,12 +129,12 @@ def test_take_shard_splits_along_the_partition_dimension():
 def test_gpas_fresh_gates_give_exactly_the_model_without_gpas():
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     plain, gated = build(small()), build(small(gpas={"enabled": True}))
-    assert gated.gpas_scales() == {"0": 1.0, "1": 1.0}
+    assert gpas_scales(gated) == {"0": 1.0, "1": 1.0}
     assert torch.equal(plain(ids), gated(ids))
 
 
 def test_gpas_forward_value_is_scaled():
-    gate = GPASGate()
+    gate = GPASGate(sequence_parallel=False)
     with torch.no_grad():
         gate.gate.fill_(0.7)
     x = torch.randn(4, 5)
@@ -134,7 +143,7 @@ def test_gpas_forward_value_is_scaled():
 
 
 def test_gpas_gradient_into_activations_is_unchanged():
-    gate = GPASGate()
+    gate = GPASGate(sequence_parallel=False)
     with torch.no_grad():
         gate.gate.fill_(1.3)
     x = torch.randn(4, 5, requires_grad=True)
@@ -160,4 +169,4 @@ def test_gpas_gates_scale_both_residual_sites_of_a_layer():
     h = (x + layer.attention(layer.attn_norm(x), cos, sin, pos)) * scale
     expected = (h + layer.mlp(layer.mlp_norm(h))) * scale
     torch.testing.assert_close(layer(x, cos, sin, pos), expected, rtol=1e-5, atol=1e-6)
-    assert model.gpas_scales()["0"] < 1.0 and model.gpas_scales()["1"] == 1.0
+    assert gpas_scales(model)["0"] < 1.0 and gpas_scales(model)["1"] == 1.0

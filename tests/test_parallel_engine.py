@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from multirank import run_ranks
+from parallel.placement import placement_of
 from pretrain.checkpoint import CheckpointError
 from pretrain.trainer import Trainer, train
 from test_parallel_equivalence import layout_config
@@ -22,7 +23,7 @@ def norm_of_ones(rank, world, cfg):
 
     trainer = Trainer(cfg, world, rank)
     trainer.grads.grad.fill_(1.0)
-    if trainer.grads.shard:
+    if trainer.grads.sharded:
         trainer.grads.grad_shard.fill_(1.0)
     with torch.device("meta"):  # the whole model, as one rank would hold it
         whole = GPT(trainer.cfg.model, trainer.vocab_size, Topology.single()).num_parameters()
@@ -53,8 +54,8 @@ def state_after_steps(rank, world, cfg, steps=3):
         trainer.train_step()
     names = {p: n for n, p in trainer.model.named_parameters()}
     moments = {}
-    if trainer.optimizer.sharded:
-        starts = {p: b.ranges[p][0] for b in trainer.grads.buckets for p in b.params}
+    if trainer.cfg.optimizer.distributed:
+        starts = {p: a for p, (a, _) in trainer.grads.range_of.items()}
         for p, master, _ in trainer.optimizer.pieces:
             offset = master.storage_offset() - starts[p]  # masters are views of the flat weight buffer
             moments.setdefault(names[p], []).append((offset, trainer.optimizer.inner.state[master]["exp_avg"].clone()))
@@ -105,7 +106,7 @@ def count_collectives(rank, world, cfg):
         trainer.train_step()
     finally:
         dist.all_reduce, coll._all_gather_single, coll._reduce_scatter_single = originals
-    sequence_parallel = sum(v.numel() for _, v in trainer.grads.owned(lambda p: getattr(p, "sequence_parallel", False)))
+    sequence_parallel = sum(v.numel() for _, v in trainer.grads.owned(lambda p: placement_of(p).sequence_parallel))
     return moved, trainer.grads.grad.numel(), sequence_parallel
 
 

@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_config
 from multirank import run_ranks
 from parallel.collectives import all_gather_dim, all_gather_into
+from parallel.placement import placement_of
 from pretrain.trainer import Trainer
 
 STEPS = 10
@@ -30,25 +31,20 @@ def layout_config(tmp_path, corpus, *overrides):
 def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every parameter's reduced gradient (gathered from the DP x CP shards with the distributed optimizer),
     gathered over TP into the full tensor."""
-    buffer, reduced = trainer.grads, trainer.grads.grad
-    if buffer.shard:
-        reduced = torch.empty_like(buffer.grad)
-        for bucket in buffer.buckets:
-            if bucket.size == 1:
-                reduced[bucket.start:bucket.end] = buffer._shard_view(bucket)
+    grads, reduced = trainer.grads, trainer.grads.grad
+    if grads.sharded:
+        reduced = torch.empty_like(grads.grad)
+        for bucket in grads.layout.buckets:
+            if bucket.replicas == 1:
+                reduced[bucket.start:bucket.end] = grads.shard_view(bucket)
             else:
-                all_gather_into(reduced[bucket.start:bucket.end], buffer._shard_view(bucket), bucket.group)
+                all_gather_into(reduced[bucket.start:bucket.end], grads.shard_view(bucket), grads.group_of(bucket))
     out, topology = {}, trainer.topology
     for name, p in trainer.model.named_parameters():
-        a, b = buffer.bucket_of[p].ranges[p]
+        a, b = grads.range_of[p]
         g = reduced[a:b].view_as(p).clone()
-        if getattr(p, "expert", False):  # this rank's experts, split over ETP: gather both
-            if p.partition_dim is not None:
-                g = all_gather_dim(g, p.partition_dim, topology.groups["etp"])
-            if topology.sizes.ep > 1:
-                g = all_gather_dim(g, 0, topology.groups["ep"])
-        elif getattr(p, "partition_dim", None) is not None and topology.tp > 1:
-            g = all_gather_dim(g, p.partition_dim, topology.tp_group)
+        for piece in placement_of(p).splits:  # this rank's piece, split over TP (experts: over ETP and EP)
+            g = all_gather_dim(g, piece.dim, topology.groups[piece.group])
         out[name] = g
     return out
 
@@ -57,13 +53,13 @@ def run_layout(rank: int, world: int, cfg):
     trainer = Trainer(cfg, world, rank)
     first_loss = trainer.forward_backward()
     grads = full_gradients(trainer)
-    moe = trainer.moe_record() if trainer.cfg.model.moe.num_experts else {}
+    moe = {k: v for feature in trainer.features for k, v in feature.metrics().items()}
     losses = [first_loss]
     trainer.loader = type(trainer.loader)(trainer.data, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                           trainer.topology.dp_rank, trainer.topology.dp)  # back to sample 0
     for _ in range(STEPS):
         losses.append(trainer.train_step()[0])
-    return {"first_loss": first_loss, "grads": grads, "losses": losses[1:], "in_flight": trainer.most_in_flight,
+    return {"first_loss": first_loss, "grads": grads, "losses": losses[1:], "in_flight": trainer.schedule.most_in_flight(trainer.topology.pp_rank),
             "moe_aux_loss": moe.get("moe_aux_loss"), "moe_load_imbalance": moe.get("moe_load_imbalance"),
             "moe_dropped_fraction": moe.get("moe_dropped_fraction")}
 

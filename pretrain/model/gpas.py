@@ -11,17 +11,24 @@ silu(0) = 0: a fresh model is exactly the model without GPAS.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parallel.pipeline import gather_over_stages
+from parallel.placement import replicated
+from pretrain.model.features import ModelFeature
+
 
 class GPASGate(nn.Module):
-    """One learnable scalar gate; a decoder layer applies it after each of its residual adds."""
+    """One learnable scalar gate; a decoder layer applies it after each of its residual adds. Under sequence
+    parallelism it sees only this rank's tokens (its gradient is summed over TP)."""
 
-    def __init__(self):
+    def __init__(self, *, sequence_parallel: bool):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = replicated(nn.Parameter(torch.zeros(())), sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x - F.silu(self.gate).to(x.dtype) * x.detach()
@@ -29,3 +36,23 @@ class GPASGate(nn.Module):
     def scale(self) -> float:
         """The forward scale 1 - silu(a), logged per layer."""
         return float(1.0 - F.silu(self.gate.detach()))
+
+
+class GPASFeature(ModelFeature):
+    """Logs every layer's scale (`gpas_scale`, gathered over the pipeline stages) and, with
+    `model.gpas.gate_grad_clip`, clips the gates' gradients on their own."""
+
+    def __init__(self, gates: dict[str, GPASGate], topology, gate_grad_clip: Optional[float]):
+        self.gates, self.topology, self.gate_grad_clip = gates, topology, gate_grad_clip
+
+    def local_scales(self) -> dict[str, float]:
+        """1 - silu(a) of each of this stage's layers, by global layer number."""
+        return {i: gate.scale() for i, gate in self.gates.items()}
+
+    def metrics(self) -> dict:
+        return {"gpas_scale": gather_over_stages(self.local_scales(), self.topology)}
+
+    def separate_clip(self) -> Optional[tuple[set[torch.nn.Parameter], float]]:
+        if not self.gate_grad_clip:
+            return None
+        return {gate.gate for gate in self.gates.values()}, self.gate_grad_clip

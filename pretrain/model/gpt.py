@@ -20,31 +20,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel import context_parallel
+from parallel.pipeline import Stage
+from parallel.placement import placement_of, replicated
 from parallel.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_, take_shard,
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_,
 )
 from parallel.topology import Topology
 from pretrain.config import ModelConfig
-from pretrain.model.gpas import GPASGate
-from pretrain.model.moe import MoE
-
-
-def mark_sequence_parallel(module: nn.Module, topology: Topology) -> None:
-    """Under sequence parallelism these replicated weights see only this rank's tokens: their gradients
-    are summed over TP by the gradient synchronisation."""
-    for param in module.parameters():
-        param.sequence_parallel = topology.sequence_parallel
+from pretrain.model.features import ModelFeature
+from pretrain.model.gpas import GPASFeature, GPASGate
+from pretrain.model.moe import MoE, MoEFeature
 
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the hidden dimension."""
+    """RMSNorm or LayerNorm over the hidden dimension. Under sequence parallelism its weights see only this rank's
+    tokens (their gradients are summed over TP)."""
 
     def __init__(self, size: int, kind: str, eps: float, topology: Topology):
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(torch.ones(size))
-        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" else None
-        mark_sequence_parallel(self, topology)
+        sp = topology.sequence_parallel
+        self.weight = replicated(nn.Parameter(torch.ones(size)), sequence_parallel=sp)
+        self.bias = replicated(nn.Parameter(torch.zeros(size)), sequence_parallel=sp) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -118,9 +115,7 @@ class TransformerLayer(nn.Module):
             self.mlp = MoE(cfg, topology, MLP(cfg, topology, shared) if shared else None)
         else:
             self.mlp = MLP(cfg, topology)
-        self.gpas = GPASGate() if cfg.gpas.enabled else None
-        if self.gpas is not None:
-            mark_sequence_parallel(self.gpas, topology)
+        self.gpas = GPASGate(sequence_parallel=topology.sequence_parallel) if cfg.gpas.enabled else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), cos, sin, positions)
@@ -133,34 +128,34 @@ class TransformerLayer(nn.Module):
 
 
 class GPT(nn.Module):
-    """The model, or under pipeline parallelism one stage of it: `chunks` are the global numbers of the
-    decoder layers of each of this stage's chunks (one chunk without interleaving). Parameter names keep
-    the global numbers (`layers.7.mlp.up.weight` on any stage). The first chunk of the first stage
-    embeds, the last chunk of the last stage normalises and projects to the vocabulary; with tied
-    embeddings the last stage holds its own copy of the embedding table, kept equal through the
-    embedding group."""
+    """The model, or under pipeline parallelism one stage of it (`stage`, from parallel/pipeline.py: the global
+    numbers of the decoder layers of each of its chunks, and whether it holds the embedding and the output
+    layer). Parameter names keep the global layer numbers (`layers.7.mlp.up.weight` on any stage)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, chunks: list[range] | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, stage: Stage | None = None):
         super().__init__()
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
+        self.stage = stage = stage or Stage.whole(cfg.num_layers, tie_embeddings=cfg.tie_embeddings)
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.first, self.last = topology.is_first_stage, topology.is_last_stage
         sp = topology.sequence_parallel
-        self.embedding = None
-        if self.first or (self.last and cfg.tie_embeddings):
-            self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp)
-            self.embedding.weight.tied_embedding = cfg.tie_embeddings and topology.pp > 1
-        self.chunks = [[str(i) for i in layers] for layers in (chunks or [range(cfg.num_layers)])]
-        self.layers = nn.ModuleDict({i: TransformerLayer(cfg, topology, int(i)) for layers in self.chunks for i in layers})
-        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology) if self.last else None
+        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp) if stage.holds_embedding \
+            else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology, i) for layers in stage.chunks for i in layers})
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology) if stage.last else None
         self.output = None
-        if self.last and not cfg.tie_embeddings:
+        if stage.last and not cfg.tie_embeddings:
             self.output = ColumnParallelLinear(cfg.hidden_size, vocab_size, topology, sp)
-        chunk_of = {i: c for c, layers in enumerate(self.chunks) for i in layers}
-        for name, param in self.named_parameters():  # gradient buckets do not span chunks: each finishes on its own
-            first_chunk = name.startswith("embedding.") and self.first
-            param.pipeline_chunk = chunk_of[name.split(".")[1]] if name.startswith("layers.") else \
-                0 if first_chunk else len(self.chunks) - 1
+        stage.assign([self.chunk_parameters(c) for c in range(len(stage.chunks))],
+                     self.embedding.weight if self.embedding is not None else None)
+
+    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
+        """The parameters that chunk `chunk` of this stage uses."""
+        modules = [self.layers[str(i)] for i in self.stage.chunks[chunk]]
+        if self.stage.starts_model(chunk):
+            modules.insert(0, self.embedding)
+        if self.stage.ends_model(chunk):
+            modules += [self.final_norm, self.output or self.embedding]
+        return list(dict.fromkeys(p for m in modules for p in m.parameters()))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         """Runs one chunk of this stage. The first chunk of the first stage takes token ids [batch, seq],
@@ -172,41 +167,38 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
-        if self.starts_model(chunk):
+        if self.stage.starts_model(chunk):
             x = self.embedding(x)
-        for i in self.chunks[chunk]:
-            x = self.layers[i](x, cos, sin, positions)
-        if not self.ends_model(chunk):
+        for i in self.stage.chunks[chunk]:
+            x = self.layers[str(i)](x, cos, sin, positions)
+        if not self.stage.ends_model(chunk):
             return x
         x = self.final_norm(x)
         if self.output is not None:
             return self.output(x)
         return F.linear(enter_tensor_parallel(x, self.topology, self.topology.sequence_parallel), self.embedding.weight)
 
-    def routers(self) -> dict:
-        """This stage's MoE routers by global layer number."""
-        return {i: layer.mlp.router for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
-
-    def starts_model(self, chunk: int) -> bool:
-        return self.first and chunk == 0
-
-    def ends_model(self, chunk: int) -> bool:
-        return self.last and chunk == len(self.chunks) - 1
-
-    def gpas_scales(self) -> dict[str, float]:
-        """1 - silu(a) of each of this stage's layers, by global layer number."""
-        return {i: layer.gpas.scale() for i, layer in self.layers.items() if layer.gpas is not None}
+    def features(self) -> list[ModelFeature]:
+        """The model features the training loop drives (see pretrain/model/features.py), on every stage of a
+        model that has them."""
+        features: list[ModelFeature] = []
+        if self.cfg.moe.num_experts:
+            routers = {i: layer.mlp.router for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
+            features.append(MoEFeature(routers, self.topology, z_loss=self.cfg.moe.router.z_loss_coeff > 0))
+        if self.cfg.gpas.enabled:
+            gates = {i: layer.gpas for i, layer in self.layers.items()}
+            features.append(GPASFeature(gates, self.topology, self.cfg.gpas.gate_grad_clip))
+        return features
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all shards), each counted once."""
-        return sum(math.prod(getattr(p, "full_shape", p.shape)) for p in self.parameters())
+        return sum(placement_of(p).global_numel for p in self.parameters())
 
     @torch.no_grad()
     def init_parameters(self, seed: int) -> None:
         """Draw every parameter from a generator keyed by (seed, name), then keep this rank's slice,
         so the same seed gives the same model whatever the parallel layout."""
         scaled_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scaled_init else self.cfg.init_std
-        tp_rank, tp_size = self.topology.tp_rank, self.topology.tp
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
@@ -215,20 +207,35 @@ class GPT(nn.Module):
             else:
                 std = scaled_std if name.endswith(("attention.out.weight", "down.weight", "experts.down")) \
                     else self.cfg.init_std
-                if getattr(param, "expert", False):
-                    self._init_experts(param, name, seed, std)
+                if placement_of(param).expert:
+                    _init_experts(param, name, seed, std)
                 else:
-                    generator = torch.Generator().manual_seed(_name_seed(seed, name))
-                    init_normal_(param, std, generator, tp_rank, tp_size)
+                    init_normal_(param, std, torch.Generator().manual_seed(_name_seed(seed, name)))
 
-    def _init_experts(self, param: nn.Parameter, name: str, seed: int, std: float) -> None:
-        """Each expert from its own generator, keyed by its global number: any EP x ETP layout gets the same experts."""
-        etp_rank, etp = self.topology.coords["etp"], self.topology.sizes.expert_tp
-        dim = None if param.partition_dim is None else param.partition_dim - 1
-        for local, expert in enumerate(param.experts):
-            full = torch.empty(param.full_shape[1:]).normal_(0.0, std, generator=torch.Generator().manual_seed(
-                _name_seed(seed, f"{name}.{expert}")))
-            param[local].copy_(take_shard(full, dim, etp_rank, etp))
+
+def _init_experts(param: nn.Parameter, name: str, seed: int, std: float) -> None:
+    """Each expert from its own generator, keyed by its global number: any EP x ETP layout gets the same experts."""
+    placement = placement_of(param)
+    piece = placement.local_slices()[1:]  # of each expert's matrix (split over ETP)
+    for local, expert in enumerate(placement.experts):
+        generator = torch.Generator().manual_seed(_name_seed(seed, f"{name}.{expert}"))
+        full = torch.empty(placement.global_shape[1:]).normal_(0.0, std, generator=generator)
+        param[local].copy_(full[piece])
+
+
+def model_signature(m: ModelConfig) -> dict:
+    """What a checkpoint's tensors depend on; a resume with a different signature is refused."""
+    return {
+        "vocab_size": m.vocab_size, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
+        "ffn_hidden_size": m.ffn_size, "activation": m.activation, "norm": m.norm,
+        "tie_embeddings": m.tie_embeddings, "gpas": m.gpas.enabled,
+        "moe": None if m.moe.num_experts is None else {
+            "num_experts": m.moe.num_experts, "ffn_hidden_size": m.moe.ffn_hidden_size or m.ffn_size,
+            "layer_freq": m.moe.layer_freq, "shared_expert_ffn_hidden_size": m.moe.shared_expert_ffn_hidden_size,
+            "expert_bias": m.moe.router.expert_bias_update_rate > 0,
+        },
+    }
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -11,9 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parallel.collectives import group_size
 from parallel.expert_parallel import build_dispatcher
+from parallel.pipeline import gather_over_stages
+from parallel.placement import Placement, place, split
 from parallel.topology import Topology
 from pretrain.config import ModelConfig
+from pretrain.model.features import ModelFeature
 from pretrain.model.router import Router
 
 
@@ -29,19 +33,20 @@ class Experts(nn.Module):
         etp = sizes.expert_tp
         ffn, hidden = moe.ffn_hidden_size or cfg.ffn_size, cfg.hidden_size
         self.swiglu = cfg.activation == "swiglu"
-        first = [local, ffn // etp, hidden]
-        self.gate = nn.Parameter(torch.empty(first)) if self.swiglu else None
-        self.up = nn.Parameter(torch.empty(first))
-        self.down = nn.Parameter(torch.empty(local, hidden, ffn // etp))
-        ep_rank = topology.coords["ep"]
-        for param, full, dim in ((self.gate, [ffn, hidden], 1), (self.up, [ffn, hidden], 1),
-                                 (self.down, [hidden, ffn], 2)):
-            if param is None:
-                continue
-            param.expert = True
-            param.experts = range(ep_rank * local, (ep_rank + 1) * local)  # their global numbers
-            param.full_shape = (moe.num_experts, *full)
-            param.partition_dim = dim if etp > 1 else None
+        ep_rank, etp_rank = topology.coords["ep"], topology.coords["etp"]
+
+        def stack(rows: int, columns: int, etp_dim: int) -> nn.Parameter:
+            """This rank's experts of a [num_experts, rows, columns] stack, dim `etp_dim` split over ETP."""
+            shape = [local, rows, columns]
+            shape[etp_dim] //= etp
+            placement = Placement((moe.num_experts, rows, columns),
+                                  split(0, "ep", ep_rank, sizes.ep) + split(etp_dim, "etp", etp_rank, etp),
+                                  tensor_group="etp", data_group="edp")
+            return place(nn.Parameter(torch.empty(shape)), placement)
+
+        self.gate = stack(ffn, hidden, 1) if self.swiglu else None
+        self.up = stack(ffn, hidden, 1)
+        self.down = stack(hidden, ffn, 2)
         self.kind = moe.experts  # "grouped" is checked by the config: this torch has the op
         self.widths = (hidden, ffn // etp)
 
@@ -100,3 +105,48 @@ class MoE(nn.Module):
         routed, tokens_per_expert, routed_probs = self.dispatcher.dispatch(tokens, probs, routing_map)
         y = self.dispatcher.combine(self.experts(routed, tokens_per_expert, routed_probs)).view(batch, seq, hidden)
         return y.to(x.dtype) + self.shared(x) if self.shared is not None else y.to(x.dtype)
+
+
+class MoEFeature(ModelFeature):
+    """What MoE layers ask of the training loop: their routers start each step with the gradient scale of the
+    injected losses (CP / micro-batches), update the expert bias after the optimizer step, and report the
+    last step's statistics per layer, gathered over the stage's ranks and the pipeline: the balancing loss
+    (without its coefficient: about 1 when balanced) and z-loss as means over micro-batches and DP, tokens
+    per expert as max / mean, and the share of routed tokens dropped."""
+
+    def __init__(self, routers: dict[str, Router], topology: Topology, *, z_loss: bool):
+        self.routers, self.topology, self.z_loss = routers, topology, z_loss
+        self.micro_batches = 1
+
+    def begin_step(self, micro_batches: int) -> None:
+        self.micro_batches = micro_batches
+        for router in self.routers.values():
+            router.begin_step(loss_scale=self.topology.cp / micro_batches)
+
+    def end_step(self) -> None:
+        for router in self.routers.values():
+            if router.use_bias:
+                router.update_expert_bias()
+
+    def metrics(self) -> dict:
+        tp, local = self.topology, sorted(self.routers, key=int)
+        rows = torch.stack([self.routers[i].step_statistics() for i in local]) if local else torch.zeros(0)
+        group = tp.groups["tp-dp-cp"]
+        if local and group_size(group) > 1:
+            torch.distributed.all_reduce(rows, group=group)
+        mean_over = tp.dp * self.micro_batches
+        layers = {i: {"aux_loss": float(row[0]) / mean_over, "z_loss": float(row[1]) / mean_over,
+                      "routed": float(row[2]), "kept": float(row[3]),
+                      "load_imbalance": float(row[4:].max() / row[4:].mean().clamp_min(1e-9))}
+                  for i, row in zip(local, rows.cpu())}
+        layers = gather_over_stages(layers, tp)
+        total = lambda key: sum(layer[key] for layer in layers.values())  # noqa: E731
+        record = {
+            "moe_aux_loss": total("aux_loss") / len(layers), "moe_load_imbalance": total("load_imbalance") / len(layers),
+            "moe_dropped_fraction": 1.0 - total("kept") / total("routed"),
+            "moe_aux_loss_by_layer": {i: layer["aux_loss"] for i, layer in layers.items()},
+            "moe_load_imbalance_by_layer": {i: layer["load_imbalance"] for i, layer in layers.items()},
+        }
+        if self.z_loss:
+            record["moe_z_loss"] = total("z_loss") / len(layers)
+        return record

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel.collectives import group_size
+from parallel.placement import replicated
 from parallel.topology import Topology
 from pretrain.config import MoEConfig
 
@@ -59,19 +60,20 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
-        self.weight.sequence_parallel = topology.sequence_parallel  # sees only this rank's tokens under SP
-        self.weight.full_shape, self.weight.partition_dim = tuple(self.weight.shape), None  # replicated
+        # replicated on the stage's ranks; under SP it sees only this rank's tokens
+        self.weight = replicated(nn.Parameter(torch.empty(cfg.num_experts, hidden_size)),
+                                 sequence_parallel=topology.sequence_parallel)
         self.sequence_group = topology.groups["tp-cp"]  # the shards of one micro-batch's sequences
         self.global_group = topology.groups["tp-dp-cp"]
         self.use_bias = cfg.router.expert_bias_update_rate > 0
         if self.use_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        self.loss_scale = 1.0  # CP / micro-batches, set by the trainer before each step
-        self.reset_step()
+        self.begin_step(loss_scale=1.0)
 
-    def reset_step(self) -> None:
-        """Forget the statistics of the last step (called at the start of each step)."""
+    def begin_step(self, *, loss_scale: float) -> None:
+        """Start a step: forget the last step's statistics; `loss_scale` multiplies the injected gradients of the
+        balancing and z-losses (CP / micro-batches: see the module docstring)."""
+        self.loss_scale = loss_scale
         zeros = lambda *shape: torch.zeros(shape, device=self.weight.device)  # noqa: E731
         self.stats = {"aux": zeros(), "z": zeros(), "tokens": zeros(self.num_experts), "routed": zeros(), "kept": zeros(),
                       "micro_batches": 0}
@@ -180,6 +182,12 @@ class Router(nn.Module):
         keep = torch.zeros_like(routing_map).scatter(0, rank.topk(capacity, dim=0).indices, True)
         routing_map = keep if self.cfg.pad_to_capacity else routing_map & keep
         return probs * routing_map, routing_map
+
+    def step_statistics(self) -> torch.Tensor:
+        """This rank's sums over the step so far: [balancing loss (without its coefficient), z-loss, routed
+        token-expert pairs, kept pairs, tokens per expert (E values)]."""
+        s = self.stats
+        return torch.cat([torch.stack([s["aux"], s["z"], s["routed"], s["kept"]]), s["tokens"]])
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
