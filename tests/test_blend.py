@@ -77,6 +77,18 @@ def test_phase_lengths_in_tokens_round_to_steps():
     assert phase_boundaries([PhaseConfig(tokens=64 * 10), PhaseConfig()], 30, 64) == [10, 30]
 
 
+def test_inexact_phase_fractions_round_to_the_nearest_step(sources):
+    """Fractions are not exact in binary: 0.29 * 100 = 28.999999999999996, and 0.7 + 0.2 + 0.1 of 10 steps is
+    9.999999999999998. A phase ends at the step nearest to its share of the run (29; 7, 9, 10), not at the
+    step below it (28; 7, 9, 9, which would leave the last step out of every phase)."""
+    assert 0.29 * 100 < 29 and (0.7 + 0.2 + 0.1) * 10 < 10  # the premise: these products fall short of the step
+    assert phase_boundaries([PhaseConfig(fraction=0.29), PhaseConfig()], 100, 64) == [29, 100]
+    assert phase_boundaries([PhaseConfig(fraction=f) for f in (0.7, 0.2, 0.1)], 10, 64) == [7, 9, 10]
+    # the plan the loader draws from: 29 steps of 8 samples in the first phase, the 71 others in the second
+    phases = [PhaseConfig(fraction=0.29, weights={"a": 1}), PhaseConfig(weights={"b": 1})]
+    assert plan_for(sources, phases, steps=100).schedule.phase_counts().tolist() == [[29 * 8, 0, 0], [0, 71 * 8, 0]]
+
+
 def test_loader_draws_exactly_what_the_plan_reports(sources):
     plan = plan_for(sources)
     streams = TrainingStreams(plan, 7, ByteTokenizer(), eval_samples=0)

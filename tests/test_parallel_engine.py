@@ -1,5 +1,5 @@
 """The engine's other promises on several gloo ranks: the global gradient norm, the sharded optimizer step,
-the communication volume of a step, and checkpoints of a parallel run."""
+the vocabulary-parallel cross-entropy, the communication volume of a step, and checkpoints of a parallel run."""
 
 import math
 import os
@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from multirank import run_ranks
 from parallel.placement import placement_of
@@ -83,6 +84,53 @@ def test_distributed_optimizer_step_equals_plain_adamw(tmp_path, tiny_corpus):
                 torch.testing.assert_close(piece, full[offset:offset + len(piece)], rtol=1e-5, atol=1e-9)
                 covered[name] += len(piece)
     assert covered == {name: value.numel() for name, value in weights.items()}  # the shards tile every weight once
+
+
+# large logits: exp overflows fp32 past 88.7, which about one token in ten has among its 64 logits at std 30;
+# every logit at +1000
+LARGE_LOGITS = {"std 30": (30.0, 0.0), "std 1, +1000": (1.0, 1000.0), "std 30, +1000": (30.0, 1000.0)}
+
+
+def cross_entropy_on_tp2(rank, world, cases):
+    """Per case: this rank's per-token losses and the gradient of its vocabulary half of the logits, on TP2."""
+    from parallel.tensor_parallel import vocab_parallel_cross_entropy
+    from parallel.topology import Sizes, Topology
+
+    topology = Topology.build(Sizes(world=2, tp=2), rank)
+    out = {}
+    for case, (logits, labels, upstream) in cases.items():
+        half = logits.shape[-1] // 2
+        local = logits[..., rank * half:(rank + 1) * half].clone().requires_grad_()
+        losses = vocab_parallel_cross_entropy(local, labels, topology)
+        (losses * upstream).sum().backward()
+        out[case] = losses.detach(), local.grad
+    return out
+
+
+def test_vocab_parallel_cross_entropy_matches_the_full_one_at_large_logits():
+    """Each TP rank holds half the vocabulary; the per-token losses and the gradient of the logits equal
+    F.cross_entropy on the gathered logits even where exp(logit) overflows fp32: the parallel version must
+    subtract the global maximum, as F.cross_entropy does. The gradient (softmax - onehot) is taken under
+    per-token upstream weights. fp32, the same maximum subtracted on both sides: 1e-5 relative, plus 1e-6
+    absolute for entries near 0 (a loss near 0 is the log of a sum of exponentials near 1, summed in another
+    order: observed 1.2e-7 off, one fp32 step of 1; gradients near 0 at most 5e-8)."""
+    generator = torch.Generator().manual_seed(7)
+    cases = {}
+    for case, (std, shift) in LARGE_LOGITS.items():
+        logits = torch.randn(4, 512, 64, generator=generator) * std + shift
+        labels = torch.randint(0, 64, (4, 512), generator=generator)  # targets in both halves of the vocabulary
+        cases[case] = logits, labels, torch.rand(4, 512, generator=generator)
+    results = run_ranks(2, cross_entropy_on_tp2, cases)
+    for case, (logits, labels, upstream) in cases.items():
+        full = logits.clone().requires_grad_()
+        expected = F.cross_entropy(full.flatten(0, 1), labels.flatten(), reduction="none").view(4, 512)
+        (expected * upstream).sum().backward()
+        for rank, result in enumerate(results):
+            losses, grad = result[case]
+            torch.testing.assert_close(losses, expected.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{case}, rank {rank} losses: {m}")
+            torch.testing.assert_close(grad, full.grad[..., rank * 32:(rank + 1) * 32], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{case}, rank {rank} gradient: {m}")
 
 
 def count_collectives(rank, world, cfg):
