@@ -17,6 +17,11 @@ from typing import Optional
 import numpy as np
 
 from data.indexed import megatron_helpers
+from parallel.errors import FoldtronError
+
+
+class ScheduleError(FoldtronError, ValueError):
+    """Phases or weights that do not make a schedule; the message names the phase and the fix."""
 
 
 @dataclass
@@ -47,7 +52,7 @@ def greedy_blend(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     weights = np.asarray(weights, dtype=np.float64)
     active = np.flatnonzero(weights > 0)
     if size and not len(active):
-        raise ValueError("every weight of the blend is zero")
+        raise ScheduleError("every weight of the blend is zero")
     which = np.zeros(size, dtype=np.int16)
     counter = np.zeros(size, dtype=np.int64)
     if size:
@@ -57,12 +62,12 @@ def greedy_blend(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
 
 
 def phase_boundaries(phases: list[PhaseConfig], total_steps: int, tokens_per_step: int) -> list[int]:
-    """The step at which each phase ends; raises ValueError naming the phase whose length does not fit."""
+    """The step at which each phase ends; raises ScheduleError naming the phase whose length does not fit."""
     ends, cumulative = [], 0.0
     for k, phase in enumerate(phases):
         label = f"data.phases[{k}]" + (f" ({phase.name})" if phase.name else "")
         if phase.tokens is not None and phase.fraction is not None:
-            raise ValueError(f"{label}: give tokens or fraction, not both")
+            raise ScheduleError(f"{label}: give tokens or fraction, not both")
         if phase.tokens is not None:
             cumulative += phase.tokens / (total_steps * tokens_per_step)
         elif phase.fraction is not None:
@@ -70,20 +75,20 @@ def phase_boundaries(phases: list[PhaseConfig], total_steps: int, tokens_per_ste
         elif k == len(phases) - 1:
             cumulative = max(cumulative, 1.0)
         else:
-            raise ValueError(f"{label}: give its length (tokens or fraction); only the last phase may take the rest")
+            raise ScheduleError(f"{label}: give its length (tokens or fraction); only the last phase may take the rest")
         if cumulative > 1.0 + 1e-9:
-            raise ValueError(
+            raise ScheduleError(
                 f"{label}: the phases add up to {cumulative:.4g} of the run ({total_steps} steps of "
                 f"{tokens_per_step} tokens): shorten them, or raise train.iters"
             )
         ends.append(round(cumulative * total_steps))
     if ends and ends[-1] < total_steps:
-        raise ValueError(
+        raise ScheduleError(
             f"the phases cover {ends[-1]} of train.iters={total_steps} steps: lengthen them, "
             "or give the last phase no length so it takes the rest"
         )
     if any(b <= a for a, b in zip([0] + ends, ends)):
-        raise ValueError("a phase rounds to zero steps: lengthen it or remove it")
+        raise ScheduleError("a phase rounds to zero steps: lengthen it or remove it")
     return ends
 
 

@@ -18,13 +18,15 @@ from typing import Iterable
 
 import numpy as np
 
+from parallel.errors import FoldtronError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # dtype codes of the .idx header, as megatron-core numbers them
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
-class DatasetError(ValueError):
+class DatasetError(FoldtronError, ValueError):
     """A dataset that cannot be used; the message names the file and the problem."""
 
 

@@ -16,10 +16,12 @@ from typing import IO, Iterator
 
 import zstandard
 
+from parallel.errors import FoldtronError
+
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")
 
 
-class InputError(ValueError):
+class InputError(FoldtronError, ValueError):
     """An input that cannot be read at all (no files, no lines); the message says which."""
 
 

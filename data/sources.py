@@ -147,7 +147,7 @@ def make_plan(
     split: tuple[float, float], total_steps: int, global_batch: int, seq_length: int, vocab_size: int,
     cache_dir: str | None = None,
 ) -> DataPlan:
-    """Check every prefix and the schedule; raises DatasetError or ValueError naming the field."""
+    """Check every prefix and the schedule; raises DatasetError or ScheduleError naming the field."""
     train_share = 1.0 if validation else split[0]
     prefixes = {n: _open_prefixes(n, c.prefixes, vocab_size, train_share, cache_dir, "data.sources")
                 for n, c in sources.items()}

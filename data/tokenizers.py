@@ -11,13 +11,16 @@ import os
 
 import numpy as np
 
+from parallel.errors import FoldtronError
+
 # End-of-document markers of common tokenizer.json files, in order of preference.
 HF_EOD_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 HF_PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file that loads but cannot serve (no end-of-document token)."""
+class TokenizerError(FoldtronError, ValueError):
+    """A tokenizer that cannot be built or cannot serve (unknown kind, missing or unreadable file, no
+    end-of-document token)."""
 
 
 class ByteTokenizer:
@@ -113,15 +116,15 @@ def build_tokenizer(kind: str, path: str | None = None, fields: tuple[str, str] 
     if kind == "byte":
         return ByteTokenizer()
     if kind not in TOKENIZERS:
-        raise ValueError(f"{kind_field}={kind!r}: unknown tokenizer; use one of byte, hf, sentencepiece")
+        raise TokenizerError(f"{kind_field}={kind!r}: unknown tokenizer; use one of byte, hf, sentencepiece")
     what = "a tokenizer.json" if kind == "hf" else "a SentencePiece .model"
     if not path:
-        raise ValueError(f"{kind_field}={kind} needs {path_field}: set it to {what} file")
+        raise TokenizerError(f"{kind_field}={kind} needs {path_field}: set it to {what} file")
     if not os.path.isfile(path):
-        raise ValueError(f"{path_field}={path!r} does not exist; set it to {what} file")
+        raise TokenizerError(f"{path_field}={path!r} does not exist; set it to {what} file")
     try:
         return TOKENIZERS[kind](path)
     except TokenizerError:
         raise
     except Exception as e:  # the libraries raise their own exception types for unreadable files
-        raise ValueError(f"{path_field}={path!r} cannot be read as {what} ({e}); set it to {what} file") from e
+        raise TokenizerError(f"{path_field}={path!r} cannot be read as {what} ({e}); set it to {what} file") from e

@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import sys
 
-from pretrain.cli import print_error
+from parallel.errors import FoldtronError
+from pretrain.cli import USER_ERRORS, print_error
 
 USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
          "(--world-size N | --nnodes A --nproc-per-node B)")
@@ -20,8 +21,8 @@ USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] 
 WEIGHT_BYTES = 4
 
 
-class UsageError(Exception):
-    pass
+class UsageError(FoldtronError):
+    """Bad command-line arguments (argparse would exit; this lets main() print the usage)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +61,7 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
 
     from launch.estimate import activation_bytes, human_bytes, parameters_per_tp_rank, state_bytes
     from parallel.pipeline import PipelineSchedule, bubble_fraction, describe_chunks, pipeline_chunks
-    from parallel.topology import Topology, describe
+    from parallel.topology import Topology, TopologyError, describe
     from pretrain.model import GPT
     from pretrain.config import ConfigError
     from pretrain.config_loading import load_config
@@ -74,7 +75,7 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     chunks = pipeline_chunks(m.num_layers, p.pipeline, virtual, p.first_stage_layers, p.last_stage_layers)
     try:
         counts = parameters_per_tp_rank(m, vocab_size, sizes, chunks)
-    except ValueError as err:  # a weight that does not split evenly, such as the vocabulary over TP
+    except TopologyError as err:  # a weight that does not split evenly, such as the vocabulary over TP
         raise ConfigError(f"the model does not split over parallel.tensor={p.tensor}: {err}") from None
     with torch.device("meta"):
         total = GPT(m, vocab_size, Topology.single()).num_parameters()
@@ -140,12 +141,9 @@ def main(argv: list[str]) -> int:
     except UsageError as err:
         print(f"launch: error: {err}\n{USAGE}", file=sys.stderr)
         return 2
-    from parallel.topology import TopologyError
-    from pretrain.config import ConfigError
-
     try:
         print(dry_run(args.paths[0], args.overrides, args.world_size))
-    except (ConfigError, TopologyError, OSError) as err:
+    except USER_ERRORS as err:
         print_error("launch", err)
         return 1
     return 0

@@ -31,33 +31,34 @@ import torch
 import torch.distributed as dist
 
 from parallel.placement import restage
+from parallel.topology import TopologyError
 
 
 def pipeline_chunks(num_layers: int, stages: int, chunks: int = 1, first: Optional[int] = None,
                     last: Optional[int] = None) -> list[list[range]]:
     """`result[s][c]`: the global layer numbers of chunk c of stage s. `first`/`last`: layers of the first
     and last virtual stage (the one with the embedding, the one with the output layer), the others
-    split evenly; both null: an even split. Raises ValueError naming the fields."""
+    split evenly; both null: an even split. Raises TopologyError naming the fields."""
     pieces = stages * chunks
     what = f"parallel.pipeline={stages}" if chunks == 1 else \
         f"parallel.pipeline x parallel.virtual_pipeline = {stages} x {chunks} = {pieces} chunks"
     if first is None and last is None:
         if num_layers % pieces:
-            raise ValueError(f"model.num_layers={num_layers} is not divisible by {what}: choose a multiple, "
+            raise TopologyError(f"model.num_layers={num_layers} is not divisible by {what}: choose a multiple, "
                              "or set parallel.first_stage_layers/last_stage_layers")
         sizes = [num_layers // pieces] * pieces
     else:
         middle_layers = num_layers - (first or 0) - (last or 0)
         middle = pieces - (first is not None) - (last is not None)
         if middle_layers < 0 or (middle == 0 and middle_layers) or (middle and middle_layers % middle):
-            raise ValueError(
+            raise TopologyError(
                 f"model.num_layers={num_layers} with parallel.first_stage_layers={first} and last_stage_layers="
                 f"{last} leaves {middle_layers} layers for {middle} middle piece(s) of {what}: they must split evenly"
             )
         per = middle_layers // middle if middle else 0
         sizes = ([first] if first is not None else []) + [per] * middle + ([last] if last is not None else [])
     if min(sizes) < 1:
-        raise ValueError(f"a pipeline chunk would hold no layer (layers per virtual stage {sizes}) with {what}: "
+        raise TopologyError(f"a pipeline chunk would hold no layer (layers per virtual stage {sizes}) with {what}: "
                          "give every chunk one")
     starts = [sum(sizes[:v]) for v in range(pieces)]
     ranges = [range(a, a + n) for a, n in zip(starts, sizes)]

@@ -23,7 +23,7 @@ from parallel.collectives import (
     copy_to_group, gather_along, group_rank, group_size, reduce_from_group, reduce_scatter_along,
 )
 from parallel.placement import Placement, place, placement_of, split
-from parallel.topology import Topology
+from parallel.topology import Topology, TopologyError
 
 SEQ_DIM = 1  # activations between layers are [batch, sequence, hidden]
 
@@ -37,7 +37,7 @@ def tensor_parallel_weight(local_shape: tuple[int, int], global_shape: tuple[int
 
 def _divide(total: int, parts: int, what: str) -> int:
     if total % parts:
-        raise ValueError(f"{what}={total} is not divisible by the tensor-parallel size {parts}")
+        raise TopologyError(f"{what}={total} is not divisible by the tensor-parallel size {parts}")
     return total // parts
 
 

@@ -17,8 +17,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from parallel.errors import FoldtronError
 
-class TopologyError(ValueError):
+
+class TopologyError(FoldtronError, ValueError):
     """An impossible parallel layout; the message names the fields and a fix."""
 
 

@@ -28,16 +28,11 @@ def main(argv: list[str]) -> int:
               "(pip install -e .); or pass a config file", file=sys.stderr)
         return 2
     path = paths[0] if paths else str(QUICKSTART)
-    from data.indexed import DatasetError
-    from parallel.topology import TopologyError
     from pretrain import distributed
-    from pretrain.cli import print_error
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
+    from pretrain.cli import USER_ERRORS, print_error
     from pretrain.config_loading import load_config
-    from pretrain.trainer import NonFiniteError, train
+    from pretrain.trainer import train
 
-    known = (ConfigError, DatasetError, TopologyError, CheckpointError, NonFiniteError, OSError)
     world_size, rank = distributed.world_from_env()
     who = f"foldtron (rank {rank}/{world_size})" if world_size > 1 else "foldtron"  # every rank's errors show
     try:
@@ -48,7 +43,7 @@ def main(argv: list[str]) -> int:
         print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if debug or not isinstance(err, known):
+        if debug or not isinstance(err, USER_ERRORS):
             raise
         print_error(who, err)
         return 1

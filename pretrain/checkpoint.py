@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from parallel.errors import FoldtronError
 from parallel.placement import placement_of
 from pretrain.distributed import barrier
 
@@ -31,7 +32,7 @@ LATEST = "latest"
 META = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FoldtronError, RuntimeError):
     """A checkpoint that cannot be written or used; the message says which and why."""
 
 

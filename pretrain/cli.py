@@ -1,8 +1,13 @@
-"""What every command-line entry point prints on bad input: one line, the program and the problem."""
+"""What every command-line entry point catches and prints on bad input: one line, the program and the problem."""
 
 from __future__ import annotations
 
 import sys
+
+from parallel.errors import FoldtronError
+
+# Bad input (every foldtron error) and the operating system's word on a file; anything else is a bug.
+USER_ERRORS = (FoldtronError, OSError)
 
 
 def print_error(program: str, err: BaseException) -> None:

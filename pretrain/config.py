@@ -18,12 +18,13 @@ from typing import Literal, Optional, Union
 import torch
 import yaml
 
-from data.blend import PhaseConfig, SourceConfig, phase_boundaries
+from data.blend import PhaseConfig, ScheduleError, SourceConfig, phase_boundaries
+from parallel.errors import FoldtronError
 from parallel.pipeline import pipeline_chunks
 from parallel.topology import Sizes, TopologyError
 
 
-class ConfigError(ValueError):
+class ConfigError(FoldtronError, ValueError):
     """A bad config: the message names each offending field and how to fix it."""
 
 
@@ -32,11 +33,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "quickstart"
-    dir: str = "runs/quickstart"  # the run folder: resolved config, metrics, TensorBoard, checkpoints
+    name: str = "quickstart"  # names the run folder when run.dir is not given
+    dir: Optional[str] = None  # the run folder (resolved config, metrics, TensorBoard, checkpoints); null: runs/<name>
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     debug: bool = False  # show tracebacks instead of one-line errors
+
+    def __post_init__(self):
+        if self.dir is None:
+            self.dir = os.path.join("runs", self.name)
 
 
 @dataclass
@@ -253,6 +258,9 @@ class Config:
 
     def _validate_ranges(self, e: "_Errors") -> None:
         m, t, s = self.model, self.train, self.scheduler
+        if not self.run.name or os.sep in self.run.name or self.run.name in (".", ".."):
+            e.add(f"run.name={self.run.name!r}: name the run with one folder name (it names runs/<run.name>); "
+                  "set run.dir for a path")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_multiple"):
             e.positive(f"model.{name}", getattr(m, name))
         for name in ("num_query_groups", "ffn_hidden_size", "vocab_size"):
@@ -411,7 +419,7 @@ class Config:
                   "each pipeline stage into chunks; remove it or use more stages")
         try:
             pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, p.first_stage_layers, p.last_stage_layers)
-        except ValueError as err:
+        except TopologyError as err:
             e.add(str(err))
         tp, cp = p.tensor, p.context
         if m.num_attention_heads % tp:
@@ -489,7 +497,7 @@ class Config:
         if d.phases and not e:
             try:
                 phase_boundaries(d.phases, self.train.iters, self.train.global_batch_size * self.model.seq_length)
-            except ValueError as err:
+            except ScheduleError as err:
                 e.add(str(err))
 
 

@@ -17,10 +17,11 @@ import torch
 from data.indexed import DatasetError
 from data.loader import DataLoader, eval_batches
 from data.sources import DataPlan, TrainingStreams, make_plan
-from data.tokenizers import build_tokenizer
+from data.tokenizers import TokenizerError, build_tokenizer
 from parallel.buckets import BucketLayout
 from parallel.context_parallel import split_sequence
 from parallel.data_parallel import GradReducer
+from parallel.errors import FoldtronError
 from parallel.optimizer import DistributedAdamW, PlainAdamW, adopt_flat_storage
 from parallel.pipeline import PipelineSchedule, Stage, StageLink, describe_chunks, pipeline_chunks, run_schedule
 from parallel.topology import Topology
@@ -33,7 +34,7 @@ from pretrain.objectives import next_token_loss
 from pretrain.schedule import learning_rate
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(FoldtronError, RuntimeError):
     """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
 
 
@@ -62,7 +63,7 @@ def build_optimizer(grads: GradReducer, cfg: Config, *, device: torch.device):
 def load_tokenizer(cfg: Config):
     try:
         return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-    except ValueError as err:
+    except TokenizerError as err:
         raise ConfigError(str(err)) from None
 
 

@@ -154,3 +154,10 @@ def test_resolved_config_writes_out_derived_values():
     assert cfg.model.num_query_groups == 4 and cfg.model.vocab_size == 384
     assert cfg.model.ffn_hidden_size == 256  # 8/3 * 96 rounded up to 64
     assert cfg.parallel.expert_tensor == 1 and cfg.checkpoint.dir == "runs/quickstart/checkpoints"
+
+
+def test_run_name_names_the_run_folder():
+    assert load_config(None, ["run.name=gpas"]).run.dir == "runs/gpas"
+    assert load_config(None, ["run.name=gpas", "run.dir=elsewhere"]).run.dir == "elsewhere"
+    with pytest.raises(ConfigError, match="run.name='a/b': name the run with one folder name"):
+        load_config(None, ["run.name=a/b"]).validate()

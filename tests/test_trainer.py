@@ -193,6 +193,31 @@ def test_corrupt_meta_is_a_checkpoint_error(tmp_path, tiny_corpus):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
 
 
+def test_corrupt_shard_is_a_checkpoint_error_and_a_bug_is_not(tmp_path, tiny_corpus, monkeypatch):
+    """A truncated shard file is bad input (one line); an error in the code that uses what was read is a bug and
+    keeps its own type and traceback, not relabelled 'cannot load the checkpoint'."""
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3")
+    train(cfg)
+    folder = os.path.join(cfg.checkpoint_dir, "step_00000003")
+    shards = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".distcp")]
+    backup = {path: open(path, "rb").read() for path in shards}
+    for path in shards:
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    with pytest.raises(CheckpointError, match="step_00000003: cannot load the checkpoint"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
+    for path, data in backup.items():
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def broken(self, parts):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("parallel.optimizer.PlainAdamW.load_state_parts", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
+
+
 def test_infinite_gradient_stops_before_the_update(tmp_path, tiny_corpus):
     trainer = Trainer(tiny_config(tmp_path, tiny_corpus))
     before = trainer.model.embedding.weight.detach().clone()

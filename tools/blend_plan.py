@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from data.indexed import DatasetError
-from pretrain.cli import print_error
-from pretrain.config import ConfigError
+from pretrain.cli import USER_ERRORS, print_error
 from pretrain.config_loading import load_config
 from pretrain.trainer import load_tokenizer, plan_data
 
@@ -26,7 +24,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(paths[0] if paths else None, overrides).validate()
         plan = plan_data(cfg, load_tokenizer(cfg))
-    except (ConfigError, DatasetError, ValueError, OSError) as err:
+    except USER_ERRORS as err:
         print_error("blend_plan", err)
         return 1
     t = cfg.train

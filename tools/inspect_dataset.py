@@ -15,7 +15,7 @@ import numpy as np
 from data.indexed import check_indexed_dataset, open_indexed_dataset
 from data.tokenizers import TOOL_FLAGS, build_tokenizer
 
-from pretrain.cli import print_error
+from pretrain.cli import USER_ERRORS, print_error
 
 SHOW_CHARS = 300
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer_type:
             tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_path, TOOL_FLAGS)
         print(describe(args.prefix, tokenizer, args.show))
-    except (ValueError, OSError) as err:  # DatasetError and tokenizer errors are ValueErrors
+    except USER_ERRORS as err:
         print_error("inspect_dataset", err)
         return 1
     return 0

@@ -25,7 +25,8 @@ from data.indexed import megatron_indexed, token_dtype, write_indexed_dataset
 from data.jsonl import InputError, expand_inputs, iter_lines, parse_document
 from data.tokenizers import TOOL_FLAGS, build_tokenizer
 
-from pretrain.cli import print_error
+from parallel.errors import FoldtronError
+from pretrain.cli import USER_ERRORS, print_error
 
 BATCH_LINES = 256
 BATCH_BYTES = 1 << 20  # also close a batch at 1 MiB, so long documents still spread over the workers
@@ -122,7 +123,7 @@ class Stats:
     bytes_read: int = 0
 
 
-class BadLine(ValueError):
+class BadLine(FoldtronError, ValueError):
     """A bad input line under --strict."""
 
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         megatron_indexed()  # seconds of imports, before the clock starts: time the preprocessing alone
         start = time.perf_counter()
         stats = run(args, tokenizer)
-    except (ValueError, OSError) as err:  # InputError, BadLine, DatasetError, tokenizer and file errors
+    except USER_ERRORS as err:  # InputError, BadLine, DatasetError, tokenizer and file errors
         print_error("preprocess_data", err)
         return 1
     seconds = time.perf_counter() - start

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from data.jsonl import InputError, expand_inputs, iter_lines, parse_document
 
-from pretrain.cli import print_error
+from pretrain.cli import USER_ERRORS, print_error
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]  # end of document first: HFTokenizer takes it as eod
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = f"{args.output}.tmp{os.getpid()}"
         tokenizer.save(tmp)
         os.replace(tmp, args.output)
-    except (ValueError, OSError) as err:
+    except USER_ERRORS as err:
         print_error("train_tokenizer", err)
         return 1
     print(f"wrote {args.output}: {tokenizer.get_vocab_size()} ids from {texts.documents} documents "
