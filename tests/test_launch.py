@@ -176,17 +176,47 @@ def test_torchrun_sh_refuses_a_layout_before_any_rank_starts(tmp_path):
     assert result.stdout == "" and not (tmp_path / "started").exists()
 
 
+def slurm_env(folder, **extra):
+    stub(folder, "scontrol", 'echo node-a; echo node-b\n')
+    stub(folder, "srun", f'echo "srun $*"; touch {folder}/started\n')
+    return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[a-b]",
+            "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": ROOT, **extra}
+
+
 def test_slurm_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_first_node(tmp_path):
-    stub(tmp_path, "scontrol", 'echo node-a; echo node-b\n')
-    stub(tmp_path, "srun", 'echo "srun $*"\n')
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": ROOT, "GPUS_PER_NODE": "4"}
-    result = script("slurm.sbatch", "my.yaml", "train.iters=5", env=env)
+    result = script("slurm.sbatch", QUICKSTART_5D, "train.iters=50", env=slurm_env(tmp_path, GPUS_PER_NODE="4"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "srun --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 4 "
-        "--rdzv-backend c10d --rdzv-endpoint node-a:29500 --rdzv-id 42 -m pretrain my.yaml train.iters=5"
+        f"--rdzv-backend c10d --rdzv-endpoint node-a:29500 --rdzv-id 42 -m pretrain {QUICKSTART_5D} train.iters=50"
     )
+    assert result.stderr.strip() == "foldtron: 2 nodes x 4 ranks, rendezvous at node-a:29500"
+
+
+def test_slurm_sbatch_starts_as_many_ranks_per_node_as_slurm_gave_gpus(tmp_path):
+    result = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="2"))
+    assert result.returncode == 0, result.stderr
+    assert "torchrun --nnodes 2 --nproc-per-node 2 " in result.stdout
+    override = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", GPUS_PER_NODE="2"))
+    assert "torchrun --nnodes 2 --nproc-per-node 2 " in override.stdout
+
+
+def test_slurm_sbatch_refuses_a_layout_before_srun(tmp_path):
+    """2 nodes x 3 GPUs = 6 ranks for a layout of 4: the dry-run's error once, on the batch host, and no srun."""
+    result = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="3"))
+    assert_one_line_refusal(result, "does not divide the world size 6")
+    assert result.stdout == "" and not (tmp_path / "started").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({}, "Slurm gave this node no GPUs (SLURM_GPUS_ON_NODE=unset)"),
+    ({"SLURM_GPUS_ON_NODE": "0"}, "set GPUS_PER_NODE to the ranks per node"),
+    ({"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE=eight"),
+])
+def test_slurm_sbatch_needs_gpus_or_gpus_per_node(tmp_path, extra, message):
+    result = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, **extra))
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "started").exists()
 
 
 def test_dry_run_shows_pipeline_stages_and_the_bubble(capsys):
