@@ -33,7 +33,7 @@ class SourceConfig:
     max_epochs: Optional[float] = None  # refuse a schedule that reads this source more often than this
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PhaseConfig:
     """One phase of the schedule: its length (tokens or a fraction of the run) and the weight of each source."""
 
@@ -56,7 +56,8 @@ def greedy_blend(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     which = np.zeros(size, dtype=np.int16)
     counter = np.zeros(size, dtype=np.int64)
     if size:
-        megatron_helpers().build_blending_indices(which, counter, weights[active] / weights[active].sum(), len(active), size, False)
+        megatron_helpers().build_blending_indices(which, counter, weights[active] / weights[active].sum(), len(active),
+                                                  size, False)  # verbose=False: a compiled helper, positional only
         which = active[which].astype(np.int16)
     return which, counter
 
@@ -95,7 +96,7 @@ def phase_boundaries(phases: list[PhaseConfig], total_steps: int, tokens_per_ste
 class BlendSchedule:
     """The mapping global sample index -> (phase, source, sample index within the source)."""
 
-    def __init__(self, source_names: list[str], phase_names: list[str], phase_weights: np.ndarray,
+    def __init__(self, source_names: list[str], phase_names: list[str], phase_weights: np.ndarray, *,
                  phase_ends: list[int], global_batch: int):
         """`phase_weights[k, s]`: weight of source s in phase k (rows need not be normalised)."""
         self.source_names, self.phase_names = list(source_names), list(phase_names)

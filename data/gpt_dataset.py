@@ -30,7 +30,7 @@ def samples_per_epoch(tokens: int, seq_length: int) -> int:
 
 class PrefixSamples:
     def __init__(
-        self, prefix: str, dataset, documents: np.ndarray, seq_length: int, seed: int, tokenizer,
+        self, prefix: str, dataset, documents: np.ndarray, *, seq_length: int, seed: int, tokenizer,
         split: tuple[float, float], is_validation: bool, cache_dir: str | None,
     ):
         """`dataset`: the opened IndexedDataset of `prefix`; `documents`: the document indices of this split;

@@ -19,8 +19,8 @@ import torch
 
 class DataLoader:
     def __init__(
-        self, stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
-        consumed_samples: int = 0, prefetch: int = 0,
+        self, stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, *, dp_rank: int = 0,
+        dp_size: int = 1, consumed_samples: int = 0, prefetch: int = 0,
     ):
         if global_batch % (micro_batch * dp_size):
             raise ValueError("the global batch must be a multiple of micro-batch x data-parallel size")
@@ -88,9 +88,10 @@ class DataLoader:
 
 
 def eval_batches(
-    stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, iters: int, dp_rank: int = 0, dp_size: int = 1
+    stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, *, iters: int, dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> Iterator[torch.Tensor]:
     """The fixed validation batches: the first `iters` global batches of a validation stream."""
-    loader = DataLoader(stream, global_batch, micro_batch, dp_rank, dp_size)
+    loader = DataLoader(stream, global_batch, micro_batch, dp_rank=dp_rank, dp_size=dp_size)
     for _ in range(iters):
         yield from loader.next_step()

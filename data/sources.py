@@ -19,7 +19,7 @@ from data.gpt_dataset import PrefixSamples, samples_per_epoch
 from data.indexed import DatasetError, open_indexed_dataset
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prefix:
     path: str
     dataset: object  # megatron-core IndexedDataset
@@ -29,12 +29,12 @@ class Prefix:
     def tokens(self, docs: np.ndarray) -> int:
         return int(self.dataset.sequence_lengths[docs].sum()) if len(docs) else 0
 
-    def samples(self, validation: bool, seq_length: int) -> int:
+    def samples(self, seq_length: int, *, validation: bool) -> int:
         """Samples in one epoch of this prefix's training (or validation) documents."""
         return samples_per_epoch(self.tokens(self.valid_docs if validation else self.train_docs), seq_length)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Source:
     name: str
     prefixes: list[Prefix]
@@ -53,7 +53,7 @@ class Source:
 
 
 class DataPlan:
-    def __init__(self, sources: list[Source], validation: list[Source], schedule: BlendSchedule, seq_length: int,
+    def __init__(self, sources: list[Source], validation: list[Source], schedule: BlendSchedule, *, seq_length: int,
                  split: tuple[float, float]):
         self.sources, self.validation, self.schedule = sources, validation, schedule
         self.seq_length, self.split = seq_length, split
@@ -63,7 +63,8 @@ class DataPlan:
         out = []
         for source, n in zip(self.sources, samples):
             per_prefix = source.draws(int(n))
-            out.append(max(k / p.samples(False, self.seq_length) if k else 0.0 for k, p in zip(per_prefix, source.prefixes)))
+            out.append(max(k / p.samples(self.seq_length, validation=False) if k else 0.0
+                           for k, p in zip(per_prefix, source.prefixes)))
         return out
 
     def check_epochs(self) -> None:
@@ -78,7 +79,8 @@ class DataPlan:
         """Per phase and source: samples, tokens, realised share and cumulative epochs; what tools.blend_plan prints."""
         s = self.schedule
         counts = s.phase_counts()
-        lines = [f"{'phase':<16} {'source':<16} {'samples':>10} {'tokens':>14} {'share':>8} {'target':>8} {'epochs':>8}"]
+        lines = [f"{'phase':<16} {'source':<16} {'samples':>10} {'tokens':>14} {'share':>8} {'target':>8} "
+                 f"{'epochs':>8}"]
         cumulative = np.zeros(len(self.sources), dtype=np.int64)
         for k, name in enumerate(s.phase_names):
             cumulative += counts[k]
@@ -101,7 +103,7 @@ class DataPlan:
         return "\n".join(lines)
 
 
-def _open_prefixes(name: str, raw_prefixes: list[str], vocab_size: int, train_share: float, cache_dir: str | None,
+def _open_prefixes(name: str, raw_prefixes: list[str], *, vocab_size: int, train_share: float, cache_dir: str | None,
                    field_name: str) -> list[Prefix]:
     """Open and check a source's prefixes; the first `train_share` of each prefix's documents train, the rest
     are held out."""
@@ -114,21 +116,21 @@ def _open_prefixes(name: str, raw_prefixes: list[str], vocab_size: int, train_sh
             raise DatasetError(f"{field_name}.{name}: {err}") from None
         n = len(dataset.sequence_lengths)
         cut = int(round(n * train_share))
-        prefixes.append(Prefix(path, dataset, np.arange(cut), np.arange(cut, n)))
+        prefixes.append(Prefix(path=path, dataset=dataset, train_docs=np.arange(cut), valid_docs=np.arange(cut, n)))
     return prefixes
 
 
-def _weighted(name: str, prefixes: list[Prefix], weights: list[float] | None, max_epochs: float | None,
+def _weighted(name: str, prefixes: list[Prefix], *, weights: list[float] | None, max_epochs: float | None,
               seq_length: int, validation: bool, field_name: str) -> Source:
     """The source weighted for training, or (`validation`) for its held-out documents."""
     if weights is not None and not validation:
         w = np.asarray(weights, dtype=np.float64)
     else:  # in proportion to the tokens the source serves, leaving out prefixes too small for one sample
-        w = np.asarray([p.tokens(p.valid_docs if validation else p.train_docs) if p.samples(validation, seq_length)
-                        else 0 for p in prefixes], dtype=np.float64)
+        w = np.asarray([p.tokens(p.valid_docs if validation else p.train_docs)
+                        if p.samples(seq_length, validation=validation) else 0 for p in prefixes], dtype=np.float64)
     kind = "validation" if validation else "training"
     for p, weight in zip(prefixes, w):
-        if weight > 0 and not p.samples(validation, seq_length):
+        if weight > 0 and not p.samples(seq_length, validation=validation):
             raise DatasetError(
                 f"{field_name}.{name}: {p.path} has {p.tokens(p.valid_docs if validation else p.train_docs)} {kind} "
                 f"tokens, too few for one sample of model.seq_length+1={seq_length + 1}: give it weight 0, add data "
@@ -139,26 +141,32 @@ def _weighted(name: str, prefixes: list[Prefix], weights: list[float] | None, ma
             f"{field_name}.{name} has no {kind} documents long enough for one sample of {seq_length + 1} tokens: "
             "add data, shorten model.seq_length or change data.split"
         )
-    return Source(name, prefixes, w / w.sum(), max_epochs)
+    return Source(name=name, prefixes=prefixes, weights=w / w.sum(), max_epochs=max_epochs)
 
 
 def make_plan(
-    sources: dict[str, SourceConfig], phases: list[PhaseConfig], validation: dict[str, list[str]],
+    sources: dict[str, SourceConfig], phases: list[PhaseConfig], *, validation: dict[str, list[str]],
     split: tuple[float, float], total_steps: int, global_batch: int, seq_length: int, vocab_size: int,
     cache_dir: str | None = None,
 ) -> DataPlan:
     """Check every prefix and the schedule; raises DatasetError or ScheduleError naming the field."""
     train_share = 1.0 if validation else split[0]
-    prefixes = {n: _open_prefixes(n, c.prefixes, vocab_size, train_share, cache_dir, "data.sources")
+    prefixes = {n: _open_prefixes(n, c.prefixes, vocab_size=vocab_size, train_share=train_share, cache_dir=cache_dir,
+                                  field_name="data.sources")
                 for n, c in sources.items()}
-    opened = [_weighted(n, prefixes[n], c.weights, c.max_epochs, seq_length, False, "data.sources")
+    opened = [_weighted(n, prefixes[n], weights=c.weights, max_epochs=c.max_epochs, seq_length=seq_length,
+                        validation=False, field_name="data.sources")
               for n, c in sources.items()]
     if validation:
-        held_out = [_weighted(n, _open_prefixes(n, p, vocab_size, 0.0, cache_dir, "data.validation"), None, None,
-                              seq_length, True, "data.validation") for n, p in validation.items()]
+        held_out = [_weighted(n, _open_prefixes(n, p, vocab_size=vocab_size, train_share=0.0, cache_dir=cache_dir,
+                                                field_name="data.validation"),
+                              weights=None, max_epochs=None, seq_length=seq_length, validation=True,
+                              field_name="data.validation")
+                    for n, p in validation.items()]
     else:  # each source's held-out documents (the same opened prefixes), where they make at least one sample
-        held_out = [_weighted(n, prefixes[n], c.weights, None, seq_length, True, "data.sources")
-                    for n, c in sources.items() if any(p.samples(True, seq_length) for p in prefixes[n])]
+        held_out = [_weighted(n, prefixes[n], weights=c.weights, max_epochs=None, seq_length=seq_length,
+                              validation=True, field_name="data.sources")
+                    for n, c in sources.items() if any(p.samples(seq_length, validation=True) for p in prefixes[n])]
     names = [s.name for s in opened]
     if phases:
         weights = np.array([[p.weights.get(n, 0.0) for n in names] for p in phases])
@@ -167,8 +175,8 @@ def make_plan(
     else:  # one phase, sources in proportion to their tokens
         weights = np.array([[s.train_tokens for s in opened]], dtype=np.float64)
         phase_names, ends = ["all"], [total_steps]
-    schedule = BlendSchedule(names, phase_names, weights, ends, global_batch)
-    plan = DataPlan(opened, held_out, schedule, seq_length, (train_share, 1.0 - train_share))
+    schedule = BlendSchedule(names, phase_names, weights, phase_ends=ends, global_batch=global_batch)
+    plan = DataPlan(opened, held_out, schedule, seq_length=seq_length, split=(train_share, 1.0 - train_share))
     plan.check_epochs()
     return plan
 
@@ -176,15 +184,16 @@ def make_plan(
 class SourceStream:
     """The samples of one source in order: a greedy blend of its prefixes' sample streams."""
 
-    def __init__(self, source: Source, size: int, seq_length: int, seed: int, tokenizer, split, is_validation: bool,
-                 cache_dir: str | None):
+    def __init__(self, source: Source, size: int, *, seq_length: int, seed: int, tokenizer, split,
+                 is_validation: bool, cache_dir: str | None):
         self.name = source.name
         self.size = size
         self.blend = greedy_blend(source.weights, size) if len(source.prefixes) > 1 else None
         self.needed = needed = source.draws(size)
         self.prefixes = [
-            PrefixSamples(p.path, p.dataset, p.valid_docs if is_validation else p.train_docs, seq_length, seed,
-                          tokenizer, split, is_validation, cache_dir) if n else None
+            PrefixSamples(p.path, p.dataset, p.valid_docs if is_validation else p.train_docs, seq_length=seq_length,
+                          seed=seed, tokenizer=tokenizer, split=split, is_validation=is_validation,
+                          cache_dir=cache_dir) if n else None
             for p, n in zip(source.prefixes, needed)
         ]
 
@@ -208,16 +217,13 @@ class SourceStream:
 class TrainingStreams:
     """The run's global training stream (sample i of the schedule) and its validation streams."""
 
-    def __init__(self, plan: DataPlan, seed: int, tokenizer, eval_samples: int, cache_dir: str | None = None):
+    def __init__(self, plan: DataPlan, *, seed: int, tokenizer, eval_samples: int, cache_dir: str | None = None):
         self.plan, self.schedule = plan, plan.schedule
         counts = self.schedule.samples_per_source
-        self.train = [
-            SourceStream(s, int(n), plan.seq_length, seed, tokenizer, plan.split, False, cache_dir)
-            for s, n in zip(plan.sources, counts)
-        ]
+        shared = dict(seq_length=plan.seq_length, seed=seed, tokenizer=tokenizer, split=plan.split, cache_dir=cache_dir)
+        self.train = [SourceStream(s, int(n), is_validation=False, **shared) for s, n in zip(plan.sources, counts)]
         self.validation = [
-            SourceStream(s, eval_samples, plan.seq_length, seed, tokenizer, plan.split, True, cache_dir)
-            for s in plan.validation
+            SourceStream(s, eval_samples, is_validation=True, **shared) for s in plan.validation
         ] if eval_samples else []
 
     def __len__(self) -> int:

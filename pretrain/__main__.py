@@ -1,16 +1,26 @@
 """`python -m pretrain [CONFIG.yaml] [section.key=value ...]`: train; with no config, the CPU quickstart.
 
 Bad input ends with one line naming the problem and a non-zero exit; `run.debug=true`
-shows the traceback instead.
+shows the traceback instead. Under torchrun the line is printed once, not by every rank:
+an error of the config or the layout (raised before the process group starts, the same on
+every rank) by rank 0, a later one by the first rank that has it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from pathlib import Path
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 USAGE = "usage: python -m pretrain [CONFIG.yaml] [section.key=value ...]  (no config: examples/quickstart.yaml)"
+
+# A rank other than 0 with an error from before the process group starts leaves it to rank 0 and waits this long
+# before ending: torchrun (and srun --kill-on-bad-exit) stop every rank once one has ended, which could otherwise
+# stop rank 0 before it prints. They stop this rank as soon as rank 0 has ended; a rank still running after the
+# wait had an error that rank 0 did not have (a file its node lacks, say) and prints it.
+QUIET_WAIT_SECONDS = 30
 
 
 def main(argv: list[str]) -> int:
@@ -29,12 +39,12 @@ def main(argv: list[str]) -> int:
         return 2
     path = paths[0] if paths else str(QUICKSTART)
     from pretrain import distributed
-    from pretrain.cli import USER_ERRORS, print_error
+    from pretrain.cli import USER_ERRORS
     from pretrain.config_loading import load_config
     from pretrain.trainer import train
 
     world_size, rank = distributed.world_from_env()
-    who = f"foldtron (rank {rank}/{world_size})" if world_size > 1 else "foldtron"  # every rank's errors show
+    who = f"foldtron (rank {rank}/{world_size})" if world_size > 1 else "foldtron"
     try:
         cfg = load_config(path, overrides)
         debug = cfg.run.debug
@@ -45,11 +55,32 @@ def main(argv: list[str]) -> int:
     except Exception as err:
         if debug or not isinstance(err, USER_ERRORS):
             raise
-        print_error(who, err)
+        report(err, world_size, rank)
         return 1
     finally:
         distributed.shutdown()
     return 0
+
+
+def report(err: Exception, world_size: int, rank: int) -> None:
+    """The error line, once over the ranks. Before the process group starts, an error comes from the config and
+    the layout, the same on every rank: rank 0 prints it (the others wait, see QUIET_WAIT_SECONDS). From then on
+    the ranks can fail differently: each different line is printed by the first rank that has it."""
+    from pretrain import distributed
+    from pretrain.cli import one_line, print_error
+
+    who = f"foldtron (rank {rank}/{world_size})"
+    if world_size == 1:
+        print_error("foldtron", err)
+    elif distributed.started():
+        if distributed.first_to_report(one_line(err)):
+            print_error(who, err)
+    elif rank == 0:
+        print_error("foldtron", err)
+    else:
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(QUIET_WAIT_SECONDS)
+            print_error(who, err)
 
 
 def _yaml_true(text: str) -> bool:

@@ -10,6 +10,11 @@ from parallel.errors import FoldtronError
 USER_ERRORS = (FoldtronError, OSError)
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message folded onto one line."""
+    return " ".join(str(err).split())
+
+
 def print_error(program: str, err: BaseException) -> None:
     """`program: error: message` on stderr, the message folded onto one line."""
-    print(f"{program}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    print(f"{program}: error: {one_line(err)}", file=sys.stderr)

@@ -28,6 +28,11 @@ class ConfigError(FoldtronError, ValueError):
     """A bad config: the message names each offending field and how to fix it."""
 
 
+def ceil_to(x: int, m: int) -> int:
+    """The smallest multiple of `m` that is at least `x` (integers only, no float rounding)."""
+    return -(-x // m) * m
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -114,7 +119,7 @@ class ModelConfig:
             return self.ffn_hidden_size
         if self.activation == "gelu":
             return 4 * self.hidden_size
-        return -(-(8 * self.hidden_size // 3) // 64) * 64
+        return ceil_to(8 * self.hidden_size // 3, 64)
 
 
 @dataclass

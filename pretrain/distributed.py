@@ -49,6 +49,23 @@ def setup(cfg: Config, world_size: int, rank: int) -> torch.device:
     return device
 
 
+def started() -> bool:
+    """Whether the process group has started (and with it the key-value store the ranks share)."""
+    return dist.is_initialized()
+
+
+def first_to_report(message: str) -> bool:
+    """Whether this rank is the first to report `message`: a counter per message in the process group's store,
+    which is no collective, so a rank whose peers have died does not wait for them. True where the store cannot
+    be reached (its host has ended), so that the message is not lost."""
+    if not dist.is_initialized():
+        return True
+    try:
+        return dist.distributed_c10d._get_default_store().add(f"foldtron/error/{message}", 1) == 1
+    except Exception:  # a store that has gone answers with one of several error types
+        return True
+
+
 def collective_timeout(cfg: Config) -> datetime.timedelta:
     return datetime.timedelta(minutes=cfg.parallel.timeout_minutes)
 

@@ -71,8 +71,9 @@ def plan_data(cfg: Config, tokenizer) -> DataPlan:
     """The checked data plan of a validated config: what tools.blend_plan prints and the trainer reads."""
     t, d = cfg.train, cfg.data
     return make_plan(
-        d.sources, d.phases, d.validation, parse_split(d.split), t.iters, t.global_batch_size,
-        cfg.model.seq_length, tokenizer.vocab_size, d.cache_dir,
+        d.sources, d.phases, validation=d.validation, split=parse_split(d.split), total_steps=t.iters,
+        global_batch=t.global_batch_size, seq_length=cfg.model.seq_length, vocab_size=tokenizer.vocab_size,
+        cache_dir=d.cache_dir,
     )
 
 
@@ -138,8 +139,8 @@ class Trainer:
         self.last_saved = self.step if self.resume_from else None
 
         self.loader = DataLoader(
-            self.data, t.global_batch_size, t.micro_batch_size, topology.dp_rank, topology.dp,
-            meta["consumed_samples"], d.prefetch,
+            self.data, t.global_batch_size, t.micro_batch_size, dp_rank=topology.dp_rank, dp_size=topology.dp,
+            consumed_samples=meta["consumed_samples"], prefetch=d.prefetch,
         )
         micro_batches, chunks = self.loader.micro_batches_per_step, len(self.chunks[0])
         self.schedule = PipelineSchedule(topology.pp, micro_batches, chunks)
@@ -159,7 +160,8 @@ class Trainer:
 
     def _build_data(self, eval_samples: int) -> tuple[DataPlan, TrainingStreams]:
         plan = plan_data(self.cfg, self.tokenizer)
-        streams = TrainingStreams(plan, self.cfg.run.seed, self.tokenizer, eval_samples, self.cfg.data.cache_dir)
+        streams = TrainingStreams(plan, seed=self.cfg.run.seed, tokenizer=self.tokenizer, eval_samples=eval_samples,
+                                  cache_dir=self.cfg.data.cache_dir)
         streams.build_indices()  # now, on rank 0 first: no rank builds or reads a half-written cache later
         return plan, streams
 
@@ -275,8 +277,8 @@ class Trainer:
         t, tp = self.cfg.train, self.topology
         by_source = {}
         for stream in self.data.validation:
-            batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, self.cfg.eval.iters,
-                                        tp.dp_rank, tp.dp))
+            batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, iters=self.cfg.eval.iters,
+                                        dp_rank=tp.dp_rank, dp_size=tp.dp))
             self.check_token_range(batches)
             outputs = run_schedule(self.eval_schedule, self.link,
                                       lambda i, chunk, received: self.stage_forward(batches[i], received, chunk))

@@ -31,8 +31,11 @@ PHASES = [
 ]
 
 
-def plan_for(sources, phases=PHASES, steps=30, **kw):
-    return make_plan(sources, phases, {}, (0.9, 0.1), steps, 8, 8, 258, **kw)
+def plan_for(sources, phases=PHASES, *, validation=None, split=(0.9, 0.1), steps=30, global_batch=8, vocab_size=258,
+             **kw):
+    """make_plan with this file's defaults (no separate validation sets, samples of 8 + 1 tokens)."""
+    return make_plan(sources, phases, validation=validation or {}, split=split, total_steps=steps,
+                     global_batch=global_batch, seq_length=8, vocab_size=vocab_size, **kw)
 
 
 def source_of(sample: np.ndarray) -> str:
@@ -51,7 +54,8 @@ def test_greedy_blend_is_exact_at_every_prefix():
 
 
 def test_phases_split_the_run_and_sources_continue_across_them():
-    schedule = BlendSchedule(["a", "b", "c"], ["p1", "p2"], np.array([[2, 1, 1], [0, 1, 3]]), [15, 30], 8)
+    schedule = BlendSchedule(["a", "b", "c"], ["p1", "p2"], np.array([[2, 1, 1], [0, 1, 3]]), phase_ends=[15, 30],
+                             global_batch=8)
     assert schedule.phase_of(15 * 8 - 1) == 0 and schedule.phase_of(15 * 8) == 1
     for s in range(3):  # one continuous stream per source: indices 0..n-1, in order, across phases
         assert schedule.index[schedule.source == s].tolist() == list(range(int((schedule.source == s).sum())))
@@ -91,7 +95,7 @@ def test_inexact_phase_fractions_round_to_the_nearest_step(sources):
 
 def test_loader_draws_exactly_what_the_plan_reports(sources):
     plan = plan_for(sources)
-    streams = TrainingStreams(plan, 7, ByteTokenizer(), eval_samples=0)
+    streams = TrainingStreams(plan, seed=7, tokenizer=ByteTokenizer(), eval_samples=0)
     loader = DataLoader(streams, 8, 4, prefetch=2)
     drawn = np.zeros((2, 3), dtype=np.int64)
     names = list(RANGES)
@@ -110,10 +114,10 @@ def test_loader_draws_exactly_what_the_plan_reports(sources):
 
 @pytest.mark.parametrize("start", [0, 5, 15, 22])  # 15 and 22: inside the second phase
 def test_resume_at_any_step_continues_with_the_same_samples(sources, start):
-    full = DataLoader(TrainingStreams(plan_for(sources), 7, ByteTokenizer(), 0), 8, 2)
+    full = DataLoader(TrainingStreams(plan_for(sources), seed=7, tokenizer=ByteTokenizer(), eval_samples=0), 8, 2)
     steps = [full.next_step() for _ in range(30)]
-    resumed = DataLoader(TrainingStreams(plan_for(sources), 7, ByteTokenizer(), 0), 8, 2, consumed_samples=start * 8,
-                         prefetch=3)
+    resumed = DataLoader(TrainingStreams(plan_for(sources), seed=7, tokenizer=ByteTokenizer(), eval_samples=0), 8, 2,
+                         consumed_samples=start * 8, prefetch=3)
     for step in range(start, 30):
         assert all(np.array_equal(x, y) for x, y in zip(steps[step], resumed.next_step()))
     resumed.close()
@@ -121,9 +125,9 @@ def test_resume_at_any_step_continues_with_the_same_samples(sources, start):
 
 @pytest.mark.parametrize("dp_size", [2, 4])
 def test_data_parallel_ranks_together_read_the_same_global_batches(sources, dp_size):
-    streams = TrainingStreams(plan_for(sources), 7, ByteTokenizer(), 0)
+    streams = TrainingStreams(plan_for(sources), seed=7, tokenizer=ByteTokenizer(), eval_samples=0)
     single = DataLoader(streams, 8, 1)
-    ranks = [DataLoader(streams, 8, 8 // dp_size // 2, r, dp_size) for r in range(dp_size)]
+    ranks = [DataLoader(streams, 8, 8 // dp_size // 2, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
     for _ in range(30):
         expected = np.concatenate([t.numpy() for t in single.next_step()])
         got = np.concatenate([t.numpy() for loader in ranks for t in loader.next_step()])
@@ -132,7 +136,8 @@ def test_data_parallel_ranks_together_read_the_same_global_batches(sources, dp_s
 
 def test_max_epochs_is_enforced_before_training(sources):
     limited = dict(sources, c=SourceConfig(prefixes=sources["c"].prefixes, max_epochs=0.1))
-    with pytest.raises(DatasetError, match=r"data.sources.c: the schedule reads it .* times, more than its max_epochs=0.1"):
+    with pytest.raises(DatasetError,
+                       match=r"data.sources.c: the schedule reads it .* times, more than its max_epochs=0.1"):
         plan_for(limited)
     plan_for(dict(sources, c=SourceConfig(prefixes=sources["c"].prefixes, max_epochs=5)))
 
@@ -147,7 +152,7 @@ def test_dtype_that_cannot_hold_the_vocabulary(tmp_path):
     prefix = str(tmp_path / "bytes8")
     write_indexed_dataset(prefix, [np.arange(100)], np.uint8)
     with pytest.raises(DatasetError, match="uint8, which cannot hold the tokenizer's 258 ids"):
-        make_plan({"x": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 1, 1, 8, 258)
+        plan_for({"x": SourceConfig(prefixes=[prefix])}, [], split=(1.0, 0.0), steps=1, global_batch=1)
 
 
 def test_validation_sets_are_held_out_documents_or_separate_sources(sources):
@@ -156,17 +161,17 @@ def test_validation_sets_are_held_out_documents_or_separate_sources(sources):
     for source in plan.sources:
         for p in source.prefixes:
             assert len(p.train_docs) == 135 and p.valid_docs.tolist() == list(range(135, 150))
-    separate = make_plan(sources, PHASES, {"held": sources["a"].prefixes}, (0.9, 0.1), 30, 8, 8, 258)
+    separate = plan_for(sources, PHASES, validation={"held": sources["a"].prefixes})
     assert [s.name for s in separate.validation] == ["held"]
     assert all(len(p.train_docs) == 150 for s in separate.sources for p in s.prefixes)
-    streams = TrainingStreams(separate, 7, ByteTokenizer(), eval_samples=16)
+    streams = TrainingStreams(separate, seed=7, tokenizer=ByteTokenizer(), eval_samples=16)
     assert len(streams.validation[0]) == 16 and source_of(streams.validation[0][3]) == "a"
 
 
 def test_within_source_weights_blend_prefixes(sources):
     mixed = {"ab": SourceConfig(prefixes=sources["a"].prefixes + sources["b"].prefixes, weights=[3, 1])}
-    plan = make_plan(mixed, [], {}, (0.9, 0.1), 10, 8, 8, 258)
-    streams = TrainingStreams(plan, 7, ByteTokenizer(), 0)
+    plan = plan_for(mixed, [], steps=10)
+    streams = TrainingStreams(plan, seed=7, tokenizer=ByteTokenizer(), eval_samples=0)
     picks = [source_of(streams[i]) for i in range(80)]
     assert picks.count("a") == 60 and picks.count("b") == 20
 
@@ -175,8 +180,8 @@ def test_empty_documents_are_skipped_by_the_samples(tmp_path):
     prefix = str(tmp_path / "gaps")
     docs = [np.arange(1, 20), np.zeros(0, dtype=np.int64), np.arange(20, 31), np.zeros(0, dtype=np.int64)] * 10
     write_indexed_dataset(prefix, docs, np.uint16)
-    plan = make_plan({"g": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 5, 4, 8, 258)
-    streams = TrainingStreams(plan, 1, ByteTokenizer(), 0)
+    plan = plan_for({"g": SourceConfig(prefixes=[prefix])}, [], split=(1.0, 0.0), steps=5, global_batch=4)
+    streams = TrainingStreams(plan, seed=1, tokenizer=ByteTokenizer(), eval_samples=0)
     samples = [streams[i] for i in range(len(streams))]
     assert all(len(s) == 9 for s in samples)
     assert all(1 <= t < 31 for s in samples for t in s)
@@ -192,8 +197,8 @@ def unique_token_source(tmp_path, name, lengths):
 
 def test_no_document_repeats_before_its_epoch_is_done(tmp_path):
     prefix = unique_token_source(tmp_path, "u", [13, 7, 29, 5, 17, 11] * 5)
-    plan = make_plan({"u": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 16, 8, 8, 100_000)
-    streams = TrainingStreams(plan, 3, ByteTokenizer(), 0)
+    plan = plan_for({"u": SourceConfig(prefixes=[prefix])}, [], split=(1.0, 0.0), steps=16, vocab_size=100_000)
+    streams = TrainingStreams(plan, seed=3, tokenizer=ByteTokenizer(), eval_samples=0)
     per_epoch = streams.train[0].prefixes[0].samples_per_epoch
     assert per_epoch == len(streams.train[0].prefixes[0].epoch(0)) == (sum([13, 7, 29, 5, 17, 11] * 5) - 1) // 8
     assert len(streams) > 2 * per_epoch  # the run reads the source more than twice
@@ -206,23 +211,24 @@ def test_no_document_repeats_before_its_epoch_is_done(tmp_path):
 
 def test_rewriting_a_dataset_in_place_never_reuses_stale_indices(tmp_path):
     prefix = unique_token_source(tmp_path, "w", [9] * 40)
-    first = TrainingStreams(make_plan({"w": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 2, 4, 8, 100_000),
-                            1, ByteTokenizer(), 0)
+    settings = dict(split=(1.0, 0.0), steps=2, global_batch=4, vocab_size=100_000)
+    first = TrainingStreams(plan_for({"w": SourceConfig(prefixes=[prefix])}, [], **settings), seed=1,
+                            tokenizer=ByteTokenizer(), eval_samples=0)
     assert first[0].max() <= 360
     unique_token_source(tmp_path, "w", [33] * 40)  # same prefix, other content
-    again = TrainingStreams(make_plan({"w": SourceConfig(prefixes=[prefix])}, [], {}, (1.0, 0.0), 2, 4, 8, 100_000),
-                            1, ByteTokenizer(), 0)
+    again = TrainingStreams(plan_for({"w": SourceConfig(prefixes=[prefix])}, [], **settings), seed=1,
+                            tokenizer=ByteTokenizer(), eval_samples=0)
     assert len(again[0]) == 9 and again.train[0].prefixes[0].samples_per_epoch == (33 * 40 - 1) // 8
 
 
 def test_small_prefixes_without_held_out_samples(tmp_path, sources):
     tiny = unique_token_source(tmp_path, "tiny", [5, 5])
     mixed = {"m": SourceConfig(prefixes=sources["a"].prefixes + [tiny])}
-    plan = make_plan(mixed, [], {}, (0.5, 0.5), 4, 4, 8, 258)  # tiny: 5 training tokens, no whole sample
+    plan = plan_for(mixed, [], split=(0.5, 0.5), steps=4, global_batch=4)  # tiny: 5 training tokens, no whole sample
     assert plan.sources[0].weights[1] == 0 and plan.validation[0].weights[1] == 0
-    TrainingStreams(plan, 1, ByteTokenizer(), eval_samples=8)[0]
+    TrainingStreams(plan, seed=1, tokenizer=ByteTokenizer(), eval_samples=8)[0]
     weighted = {"m": SourceConfig(prefixes=sources["a"].prefixes + [tiny], weights=[1, 1])}
     with pytest.raises(DatasetError, match="tiny has 5 training tokens, too few for one sample"):
-        make_plan(weighted, [], {}, (0.5, 0.5), 4, 4, 8, 258)
+        plan_for(weighted, [], split=(0.5, 0.5), steps=4, global_batch=4)
     with pytest.raises(DatasetError, match="data.sources.t has no training documents long enough"):
-        make_plan({"t": SourceConfig(prefixes=[tiny])}, [], {}, (0.5, 0.5), 4, 4, 8, 258)
+        plan_for({"t": SourceConfig(prefixes=[tiny])}, [], split=(0.5, 0.5), steps=4, global_batch=4)

@@ -1,6 +1,7 @@
 """`python -m pretrain` on bad input: one line naming the problem, a non-zero exit, no traceback."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,54 @@ def test_a_short_run_end_to_end(tmp_path, tiny_corpus):
     assert result.returncode == 0, result.stderr
     assert "step 2/2" in result.stdout and "done in" in result.stdout
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json")
+
+
+def torchrun(nproc, *args):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "pretrain",
+                           *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def foldtron_lines(result):
+    """The lines of foldtron's own (torchrun adds its summary of the failed ranks, with its own traceback)."""
+    assert "pretrain/__main__.py" not in result.stderr and "pretrain/trainer.py" not in result.stderr  # no traceback
+    return [line for line in result.stderr.splitlines() if line.startswith("foldtron")]
+
+
+def test_a_layout_error_under_torchrun_is_printed_once():
+    """A layout that needs 4 ranks on 3: rank 0 says it (the same error on every rank, before the process group)."""
+    result = torchrun(3, os.path.join("examples", "quickstart_5d.yaml"))
+    assert result.returncode != 0
+    lines = foldtron_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("foldtron: error: parallel.tensor x parallel.context x parallel.pipeline = 2 x 2 x 1")
+    assert "does not divide the world size 3" in lines[0]
+
+
+def test_a_later_error_under_torchrun_is_printed_once(tmp_path):
+    """A missing dataset is found after the process group starts, by every rank: the first to report it says it."""
+    result = torchrun(2, *tiny_args(tmp_path, tmp_path / "absent"), "train.micro_batch_size=1")
+    assert result.returncode != 0
+    lines = foldtron_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("foldtron (rank ") and "absent.idx does not exist" in lines[0]
+
+
+def test_before_the_process_group_ranks_other_than_0_leave_the_error_to_rank_0(capsys, monkeypatch):
+    """Rank 0 prints; another rank waits for the launcher to stop it, and prints only if it is still running after
+    (an error rank 0 did not have)."""
+    from pretrain import __main__ as entry
+    from pretrain.config import ConfigError
+
+    slept = []
+    monkeypatch.setattr(entry.time, "sleep", slept.append)
+    entry.report(ConfigError("bad\n  layout"), 4, 0)
+    assert capsys.readouterr().err == "foldtron: error: bad layout\n" and slept == []
+    entry.report(ConfigError("bad layout"), 4, 2)
+    assert capsys.readouterr().err == "foldtron (rank 2/4): error: bad layout\n"
+    assert slept == [entry.QUIET_WAIT_SECONDS]
 
 
 def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):

@@ -2,12 +2,20 @@ import re
 
 import pytest
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, ModelConfig, ceil_to
 from pretrain.config_loading import load_config
 
 
 def test_defaults_are_valid():
     assert load_config(None).validate() is not None
+
+
+def test_sizes_rounded_up_to_a_multiple():
+    from pretrain.model import padded_vocab_size
+
+    assert [ceil_to(x, 64) for x in (0, 1, 63, 64, 65)] == [0, 64, 64, 64, 128]
+    assert ModelConfig(hidden_size=256).ffn_size == 704  # 8 x 256 // 3 = 682, up to a multiple of 64
+    assert padded_vocab_size(258, 64) == 320 and padded_vocab_size(384, 128) == 384
 
 
 def test_yaml_and_overrides(tmp_path):

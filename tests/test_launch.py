@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from pretrain.config_loading import load_config
 from pretrain.model import GPT
 
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
+QUICKSTART_5D = os.path.join(ROOT, "examples", "quickstart_5d.yaml")  # TP2 x CP2: 4 ranks or a multiple
 TP2_CP2 = ["parallel.tensor=2", "parallel.context=2"]
 
 
@@ -132,8 +134,18 @@ def stub(folder, name, body):
 
 
 def script(name, *args, env=None):
+    base = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE")}
     return subprocess.run(["bash", os.path.join(ROOT, "launch", name), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=30)
+                          env={**base, "PYTHON": sys.executable, **(env or {})}, timeout=60)
+
+
+def assert_one_line_refusal(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("launch: error: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("name", ["torchrun.sh", "slurm.sbatch"])
@@ -147,24 +159,64 @@ def test_scripts_are_valid_bash_and_executable(name):
 
 def test_torchrun_sh_passes_config_and_overrides(tmp_path):
     stub(tmp_path, "torchrun", 'echo "PYTHONPATH=$PYTHONPATH"; echo "torchrun $*"\n')
-    result = script("torchrun.sh", "4", "my.yaml", "train.iters=5", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    result = script("torchrun.sh", "4", QUICKSTART_5D, "train.iters=50",
+                    env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
-    assert "torchrun --standalone --nproc-per-node 4 -m pretrain my.yaml train.iters=5" in result.stdout
+    assert result.stderr == ""  # the check's report stays out of the way
+    assert f"torchrun --standalone --nproc-per-node 4 -m pretrain {QUICKSTART_5D} train.iters=50" in result.stdout
     assert f"PYTHONPATH={ROOT}" in result.stdout
     assert script("torchrun.sh", "four", "my.yaml").returncode != 0
 
 
+def test_torchrun_sh_refuses_a_layout_before_any_rank_starts(tmp_path):
+    """A layout that needs 4 ranks, on 3: the error of `python -m launch --dry-run` once, and torchrun not run."""
+    stub(tmp_path, "torchrun", f'touch {tmp_path}/started\n')
+    result = script("torchrun.sh", "3", QUICKSTART_5D, env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert_one_line_refusal(result, "does not divide the world size 3")
+    assert result.stdout == "" and not (tmp_path / "started").exists()
+
+
+def slurm_env(folder, **extra):
+    stub(folder, "scontrol", 'echo node-a; echo node-b\n')
+    stub(folder, "srun", f'echo "srun $*"; touch {folder}/started\n')
+    return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[a-b]",
+            "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": ROOT, **extra}
+
+
 def test_slurm_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_first_node(tmp_path):
-    stub(tmp_path, "scontrol", 'echo node-a; echo node-b\n')
-    stub(tmp_path, "srun", 'echo "srun $*"\n')
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "16", "SLURM_SUBMIT_DIR": ROOT, "GPUS_PER_NODE": "4"}
-    result = script("slurm.sbatch", "my.yaml", "train.iters=5", env=env)
+    result = script("slurm.sbatch", QUICKSTART_5D, "train.iters=50", env=slurm_env(tmp_path, GPUS_PER_NODE="4"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "srun --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 4 "
-        "--rdzv-backend c10d --rdzv-endpoint node-a:29500 --rdzv-id 42 -m pretrain my.yaml train.iters=5"
+        f"--rdzv-backend c10d --rdzv-endpoint node-a:29500 --rdzv-id 42 -m pretrain {QUICKSTART_5D} train.iters=50"
     )
+    assert result.stderr.strip() == "foldtron: 2 nodes x 4 ranks, rendezvous at node-a:29500"
+
+
+def test_slurm_sbatch_starts_as_many_ranks_per_node_as_slurm_gave_gpus(tmp_path):
+    result = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="2"))
+    assert result.returncode == 0, result.stderr
+    assert "torchrun --nnodes 2 --nproc-per-node 2 " in result.stdout
+    override = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", GPUS_PER_NODE="2"))
+    assert "torchrun --nnodes 2 --nproc-per-node 2 " in override.stdout
+
+
+def test_slurm_sbatch_refuses_a_layout_before_srun(tmp_path):
+    """2 nodes x 3 GPUs = 6 ranks for a layout of 4: the dry-run's error once, on the batch host, and no srun."""
+    result = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="3"))
+    assert_one_line_refusal(result, "does not divide the world size 6")
+    assert result.stdout == "" and not (tmp_path / "started").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({}, "Slurm gave this node no GPUs (SLURM_GPUS_ON_NODE=unset)"),
+    ({"SLURM_GPUS_ON_NODE": "0"}, "set GPUS_PER_NODE to the ranks per node"),
+    ({"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE=eight"),
+])
+def test_slurm_sbatch_needs_gpus_or_gpus_per_node(tmp_path, extra, message):
+    result = script("slurm.sbatch", QUICKSTART_5D, env=slurm_env(tmp_path, **extra))
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "started").exists()
 
 
 def test_dry_run_shows_pipeline_stages_and_the_bubble(capsys):
@@ -182,7 +234,8 @@ def test_dry_run_shows_interleaved_chunks_and_their_bubble(capsys):
                              "train.global_batch_size=128", "--world-size", "8")
     assert code == 0, err
     assert "pipeline: stage 0: layers 0-1 + 4-5, stage 1: layers 2-3 + 6-7" in out
-    assert "interleaved 1F1B, 2 chunks per stage, 4 micro-batches per step: bubble fraction (p-1)/(v*m+p-1) = 11.1%" in out
+    assert ("interleaved 1F1B, 2 chunks per stage, 4 micro-batches per step: bubble fraction (p-1)/(v*m+p-1) = 11.1%"
+            in out)
 
 
 def test_dry_run_refuses_interleaving_with_too_few_micro_batches(capsys):

@@ -119,7 +119,7 @@ def test_evaluation_reads_every_validation_batch(tmp_path, tiny_corpus):
 
     trainer = Trainer(tiny_config(tmp_path, tiny_corpus, "eval.iters=3", "train.micro_batch_size=2"))
     stream, t = trainer.data.validation[0], trainer.cfg.train
-    batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, 3, 0, 1))
+    batches = list(eval_batches(stream, t.global_batch_size, t.micro_batch_size, iters=3, dp_rank=0, dp_size=1))
     assert len(batches) == 6
     trainer.model.eval()
     with torch.no_grad():

@@ -51,7 +51,7 @@ WORLD = 8
 LAYOUTS = [(8, 1), (4, 2)]  # (EP, ETP)
 
 
-def analytic(kind: str, ep: int, etp: int, a) -> list[tuple[str, str, str, int]]:
+def analytic(kind: str, *, ep: int, etp: int, a) -> list[tuple[str, str, str, int]]:
     """(collective, group, payload, bytes a rank sends) of each step of a forward dispatch + combine, in order."""
     n, pairs, b = ep * etp, a.tokens * a.top_k, 4
     if kind == "allgather":
@@ -120,32 +120,32 @@ class Counter:
         dist.all_to_all_single, coll._all_gather_single, coll._reduce_scatter_single = self.originals
 
 
-def forward(dispatcher, tokens, probs, routing_map, etp: int) -> torch.Tensor:
+def forward(dispatcher, tokens, *, probs, routing_map, etp: int) -> torch.Tensor:
     """Dispatch, experts that return token x prob (a row-parallel partial under ETP), combine."""
     expert_tokens, _, expert_probs = dispatcher.dispatch(tokens, probs, routing_map)
     return dispatcher.combine(expert_tokens * expert_probs[:, None] / etp)
 
 
-def measure(rank: int, kind: str, topology: Topology, a) -> dict:
+def measure(rank: int, kind: str, *, topology: Topology, a) -> dict:
     """This rank's collective calls in one forward, the round-trip error and the mean seconds per forward."""
     etp = topology.sizes.expert_tp
     dispatcher = build_dispatcher(kind, a.experts, topology)
     tokens, probs, routing_map = balanced_routing(rank, a)
     with Counter() as counter:
-        output = forward(dispatcher, tokens, probs, routing_map, etp)
+        output = forward(dispatcher, tokens, probs=probs, routing_map=routing_map, etp=etp)
     error = (output - tokens).abs().max().item()  # the probs of a token sum to 1: combine gives the token back
     for _ in range(2):
-        forward(dispatcher, tokens, probs, routing_map, etp)
+        forward(dispatcher, tokens, probs=probs, routing_map=routing_map, etp=etp)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(a.iters):
-        forward(dispatcher, tokens, probs, routing_map, etp)
+        forward(dispatcher, tokens, probs=probs, routing_map=routing_map, etp=etp)
     return {"calls": counter.calls, "error": error, "seconds": (time.perf_counter() - start) / a.iters}
 
 
-def report(kind: str, ep: int, etp: int, a, results: list[dict]) -> tuple[int, int, float]:
+def report(kind: str, *, ep: int, etp: int, a, results: list[dict]) -> tuple[int, int, float]:
     """Print one dispatcher's steps (rank 0's bytes; every rank's are checked equal); return the totals."""
-    expected = analytic(kind, ep, etp, a)
+    expected = analytic(kind, ep=ep, etp=etp, a=a)
     calls = results[0]["calls"]
     sizes = {"ep": ep, "etp": etp, "tp-ep": ep * etp}
     seconds = max(r["seconds"] for r in results)
@@ -174,11 +174,11 @@ def rank_main(rank: int, port: int, a) -> None:
         for ep, etp in LAYOUTS:
             topology = Topology.build(Sizes(world=WORLD, ep=ep, etp=etp), rank)
             for kind in ("alltoall", "allgather"):
-                result = measure(rank, kind, topology, a)
+                result = measure(rank, kind, topology=topology, a=a)
                 results = [None] * WORLD
                 dist.all_gather_object(results, result)
                 if rank == 0:
-                    summary.append((f"EP{ep} x ETP{etp}", kind, *report(kind, ep, etp, a, results)))
+                    summary.append((f"EP{ep} x ETP{etp}", kind, *report(kind, ep=ep, etp=etp, a=a, results=results)))
         if rank == 0:
             print(f"\nsummary: bytes each rank sends per forward dispatch + combine "
                   f"(T={a.tokens} H={a.hidden} E={a.experts} top-{a.top_k}, fp32)")

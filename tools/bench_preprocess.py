@@ -37,7 +37,7 @@ def write_corpus(path: Path, limit_mb: float | None) -> tuple[int, int]:
     return documents, size
 
 
-def run(jsonl: Path, prefix: Path, workers: int, tokenizer: list[str]) -> tuple[int, int, float]:
+def run(jsonl: Path, prefix: Path, *, workers: int, tokenizer: list[str]) -> tuple[int, int, float]:
     """(documents, tokens, seconds) of one preprocess_data run, its own summary silenced."""
     argv = ["--input", str(jsonl), "--output-prefix", str(prefix), "--append-eod", "--workers", str(workers)]
     argv += tokenizer
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         first = None
         for workers in args.workers:
             prefix = Path(tmp) / f"out-w{workers}"
-            docs, tokens, seconds = run(jsonl, prefix, workers, tokenizer)
+            docs, tokens, seconds = run(jsonl, prefix, workers=workers, tokenizer=tokenizer)
             if first is None:
                 first = prefix
             same = all(filecmp.cmp(f"{first}{s}", f"{prefix}{s}", shallow=False) for s in (".bin", ".idx"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import multiprocessing
 import sys
 import time
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 _worker: dict = {}
 
 
-def init_worker(kind: str, path: str | None, key: str, append_eod: bool, dtype: type) -> None:
+def init_worker(kind: str, path: str | None, *, key: str, append_eod: bool, dtype: type) -> None:
     _worker.update(tokenizer=build_tokenizer(kind, path), key=key, append_eod=append_eod, dtype=dtype)
 
 
@@ -95,13 +96,14 @@ def batches(lines: Iterator[tuple[str, int, bytes]]) -> Iterator[tuple[list[tupl
 
 def tokenized_batches(args, dtype: type, work: Iterator) -> Iterator:
     """(where, raw size, tokenize_batch result) per batch, in input order, with --workers processes."""
-    init = (args.tokenizer_type, args.tokenizer_path, args.json_key, args.append_eod, dtype)
+    init = functools.partial(init_worker, args.tokenizer_type, args.tokenizer_path, key=args.json_key,
+                             append_eod=args.append_eod, dtype=dtype)
     if args.workers == 1:
-        init_worker(*init)
+        init()
         for where, raws in work:
             yield where, sum(map(len, raws)), tokenize_batch(raws)
         return
-    with multiprocessing.Pool(args.workers, initializer=init_worker, initargs=init) as pool:
+    with multiprocessing.Pool(args.workers, initializer=init) as pool:
         pending = deque()
         for where, raws in work:
             pending.append((where, sum(map(len, raws)), pool.apply_async(tokenize_batch, (raws,))))
@@ -113,7 +115,7 @@ def tokenized_batches(args, dtype: type, work: Iterator) -> Iterator:
             yield where, size, result.get()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stats:
     """What the progress bar and the summary report."""
 
@@ -127,7 +129,7 @@ class BadLine(FoldtronError, ValueError):
     """A bad input line under --strict."""
 
 
-def documents(args, dtype: type, stats: Stats, bar: tqdm) -> Iterator[np.ndarray]:
+def documents(args, dtype: type, *, stats: Stats, bar: tqdm) -> Iterator[np.ndarray]:
     """Every good line's tokens, in input order; counts and reports the bad lines as it goes."""
     work = batches(iter_lines(expand_inputs(args.input)))
     # closing: on an error, stop the worker pool at once rather than when the generator is collected
@@ -155,7 +157,7 @@ def run(args, tokenizer) -> Stats:
     dtype = token_dtype(tokenizer.vocab_size)
     stats = Stats()
     with tqdm(desc="preprocess_data", unit=" docs", file=sys.stderr, disable=None) as bar:
-        write_indexed_dataset(args.output_prefix, documents(args, dtype, stats, bar), dtype)
+        write_indexed_dataset(args.output_prefix, documents(args, dtype, stats=stats, bar=bar), dtype)
     return stats
 
 

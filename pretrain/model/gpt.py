@@ -26,7 +26,7 @@ from parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_,
 )
 from parallel.topology import Topology
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, ceil_to
 from pretrain.model.features import ModelFeature
 from pretrain.model.gpas import GPASFeature, GPASGate
 from pretrain.model.moe import MoE, MoEFeature
@@ -243,4 +243,4 @@ def _name_seed(seed: int, name: str) -> int:
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
-    return -(-tokenizer_vocab // multiple) * multiple
+    return ceil_to(tokenizer_vocab, multiple)
