@@ -72,9 +72,9 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     m, p, sizes = cfg.model, cfg.parallel, cfg.sizes(world_size)
     vocab_size = m.vocab_size or padded_vocab_size(load_tokenizer(cfg).vocab_size, m.vocab_multiple)
     virtual = p.virtual_pipeline or 1
-    chunks = pipeline_chunks(m.num_layers, p.pipeline, virtual, p.first_stage_layers, p.last_stage_layers)
+    chunks = pipeline_chunks(m.num_layers, p.pipeline, virtual, first=p.first_stage_layers, last=p.last_stage_layers)
     try:
-        counts = parameters_per_tp_rank(m, vocab_size, sizes, chunks)
+        counts = parameters_per_tp_rank(m, vocab_size, sizes, chunks=chunks)
     except TopologyError as err:  # a weight that does not split evenly, such as the vocabulary over TP
         raise ConfigError(f"the model does not split over parallel.tensor={p.tensor}: {err}") from None
     with torch.device("meta"):
@@ -107,8 +107,8 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
         """One micro-batch through one of this stage's chunks, times the chunks the schedule keeps alive there
         (1F1B: p - s); the embedding and output terms are counted on every stage (an overestimate)."""
         chunk_model = dataclasses.replace(m, num_layers=max(len(r) for r in chunks[stage]))
-        one = activation_bytes(chunk_model, cfg.train.micro_batch_size, vocab_size, p.tensor, p.context,
-                               p.sequence_parallel and p.tensor > 1, element_bytes)
+        one = activation_bytes(chunk_model, cfg.train.micro_batch_size, vocab_size, tp=p.tensor, cp=p.context,
+                               sequence_parallel=p.sequence_parallel and p.tensor > 1, element_bytes=element_bytes)
         return one * schedule.most_in_flight(stage)
 
     lines += [

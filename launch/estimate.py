@@ -49,7 +49,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int, int]:
     return split, replicated, expert
 
 
-def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes,
+def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes, *,
                            chunks: list[list[range]] | None = None) -> list[RankParameters]:
     """Build the model of one rank per (pipeline stage, tensor-parallel coordinate) on the meta device and count
     its parameters. `chunks`: the layers of each stage's chunks (default: all on one stage).
@@ -66,7 +66,7 @@ def parameters_per_tp_rank(model_cfg: ModelConfig, vocab_size: int, sizes: Sizes
             topology = Topology.build(sizes, rank, create_groups=False)
             with torch.device("meta"):
                 model = GPT(model_cfg, vocab_size, topology,
-                            Stage.of(topology, chunks, tie_embeddings=model_cfg.tie_embeddings))
+                            stage=Stage.of(topology, chunks, tie_embeddings=model_cfg.tie_embeddings))
             counts.append(RankParameters(topology.pp_rank, tp_rank, *count_parameters(model)))
     return sorted(counts, key=lambda c: (c.stage, c.tp_rank))
 
@@ -87,7 +87,7 @@ def state_bytes(params: int, weight_bytes: int, optimizer_shards: int = 1) -> di
 
 
 def activation_bytes(
-    m: ModelConfig, micro_batch: int, vocab_size: int, tp: int = 1, cp: int = 1,
+    m: ModelConfig, micro_batch: int, vocab_size: int, *, tp: int = 1, cp: int = 1,
     sequence_parallel: bool = False, element_bytes: int = 2,
 ) -> float:
     """Bytes of the activations one micro-batch keeps for the backward pass on one rank (no recomputation).

@@ -17,12 +17,12 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, *, async_op: bool = False):
     """Sum the flat `x` over the group; rank r receives the r-th slice into `out`."""
     return _reduce_scatter_single(out, x, group=group, async_op=async_op)
 
 
-def all_gather_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group, *, async_op: bool = False):
     """Concatenate every rank's flat `x` into `out`, rank r's at the r-th slice."""
     return _all_gather_single(out, x, group=group, async_op=async_op)
 

@@ -22,7 +22,7 @@ def chunk_ids(cp_rank: int, cp: int) -> tuple[int, int]:
     return cp_rank, 2 * cp - 1 - cp_rank
 
 
-def split_sequence(x: torch.Tensor, cp_rank: int, cp: int, dim: int = 1) -> torch.Tensor:
+def split_sequence(x: torch.Tensor, cp_rank: int, cp: int, *, dim: int = 1) -> torch.Tensor:
     """This rank's two chunks of `x` along `dim` (a load-balanced split into 2 x CP chunks)."""
     if cp == 1:
         return x
@@ -31,7 +31,7 @@ def split_sequence(x: torch.Tensor, cp_rank: int, cp: int, dim: int = 1) -> torc
     return torch.cat([chunks[first], chunks[second]], dim=dim)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cp_group,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor, cp_group,
               enable_gqa: bool) -> torch.Tensor:
     """Causal attention of local queries over the keys and values of the whole sequence.
 

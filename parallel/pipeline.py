@@ -34,7 +34,7 @@ from parallel.placement import restage
 from parallel.topology import TopologyError
 
 
-def pipeline_chunks(num_layers: int, stages: int, chunks: int = 1, first: Optional[int] = None,
+def pipeline_chunks(num_layers: int, stages: int, chunks: int = 1, *, first: Optional[int] = None,
                     last: Optional[int] = None) -> list[list[range]]:
     """`result[s][c]`: the global layer numbers of chunk c of stage s. `first`/`last`: layers of the first
     and last virtual stage (the one with the embedding, the one with the output layer), the others
@@ -131,7 +131,7 @@ class Action:
     chunk: int
 
 
-def stage_order(stages: int, stage: int, micro_batches: int, chunks: int = 1, train: bool = True) -> list[Action]:
+def stage_order(stages: int, stage: int, micro_batches: int, *, chunks: int = 1, train: bool = True) -> list[Action]:
     """The order in which `stage` runs its forwards and backwards (see the module docstring).
     Interleaving needs micro_batches to be a multiple of stages (checked by the config)."""
     total = micro_batches * chunks
@@ -163,9 +163,9 @@ class Tick:
 class PipelineSchedule:
     """The actions and messages of every stage, tick by tick, for one step (or one evaluation pass)."""
 
-    def __init__(self, stages: int, micro_batches: int, chunks: int = 1, train: bool = True):
+    def __init__(self, stages: int, micro_batches: int, chunks: int = 1, *, train: bool = True):
         self.stages, self.chunks, self.micro_batches = stages, chunks, micro_batches
-        self.orders = [stage_order(stages, s, micro_batches, chunks, train) for s in range(stages)]
+        self.orders = [stage_order(stages, s, micro_batches, chunks=chunks, train=train) for s in range(stages)]
         self.ticks = self._play()
 
     def most_in_flight(self, stage: int) -> int:
@@ -223,7 +223,7 @@ class PipelineSchedule:
 class StageLink:
     """Batched point-to-point exchanges with other stages of this rank's pipeline group."""
 
-    def __init__(self, topology, shape: tuple, dtype: torch.dtype, device: torch.device):
+    def __init__(self, topology, shape: tuple, *, dtype: torch.dtype, device: torch.device):
         self.ranks, self.stage = topology.members["pp"], topology.pp_rank
         self.group = topology.groups["pp"]
         self.shape, self.dtype, self.device = shape, dtype, device
@@ -243,6 +243,7 @@ def run_schedule(
     schedule: PipelineSchedule,
     link: StageLink,
     forward: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor],
+    *,
     before_backward: Callable[[int, int], None] = lambda micro_batch, chunk: None,
 ) -> list[torch.Tensor]:
     """Run this stage's part of the schedule. forward(micro_batch, chunk, input) runs one chunk (input: the

@@ -104,7 +104,7 @@ class Placement:
         return ", ".join(parts) + f" of a tensor of global shape {shape}"
 
 
-def split(dim: int, group: str, rank: int, size: int) -> tuple[Split, ...]:
+def split(dim: int, group: str, *, rank: int, size: int) -> tuple[Split, ...]:
     """One split, or none when the group has one rank (the tensor is then whole on this rank)."""
     return (Split(dim, group, rank, size),) if size > 1 else ()
 

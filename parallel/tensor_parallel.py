@@ -6,7 +6,8 @@ row-parallel layer sums its partial outputs. With sequence parallelism, activati
 between layers are split along the sequence instead: a column-parallel layer all-gathers
 its input along the sequence, a row-parallel layer reduce-scatters its output, and the
 norms in between run on sequence shards (their weight gradients are then partial sums,
-added over TP by the gradient synchronisation: their placement says `sequence_parallel`).
+added over TP by the gradient synchronisation: their placement says `sequence_parallel`). Whether
+sequence parallelism is on is the topology's to say (`topology.sequence_parallel`).
 
 Every weight gets its `Placement` (parallel/placement.py) here, where it is made, so that
 initialisation can draw the global tensor from a name-keyed generator and keep this rank's
@@ -28,10 +29,10 @@ from parallel.topology import Topology, TopologyError
 SEQ_DIM = 1  # activations between layers are [batch, sequence, hidden]
 
 
-def tensor_parallel_weight(local_shape: tuple[int, int], global_shape: tuple[int, int], dim: int,
+def tensor_parallel_weight(local_shape: tuple[int, int], global_shape: tuple[int, int], *, dim: int,
                            topology: Topology) -> nn.Parameter:
     """A new weight holding this TP rank's piece of dimension `dim` of a `global_shape` tensor."""
-    placement = Placement(tuple(global_shape), split(dim, "tp", topology.tp_rank, topology.tp))
+    placement = Placement(tuple(global_shape), split(dim, "tp", rank=topology.tp_rank, size=topology.tp))
     return place(nn.Parameter(torch.empty(local_shape)), placement)
 
 
@@ -41,16 +42,16 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def enter_tensor_parallel(x: torch.Tensor, topology: Topology, sequence_parallel: bool) -> torch.Tensor:
+def enter_tensor_parallel(x: torch.Tensor, topology: Topology) -> torch.Tensor:
     """The input of a column-parallel matmul: the full (local) sequence, replicated over TP."""
-    if sequence_parallel:
+    if topology.sequence_parallel:
         return gather_along(x, SEQ_DIM, topology.tp_group)
     return copy_to_group(x, topology.tp_group)
 
 
-def leave_tensor_parallel(y: torch.Tensor, topology: Topology, sequence_parallel: bool) -> torch.Tensor:
+def leave_tensor_parallel(y: torch.Tensor, topology: Topology) -> torch.Tensor:
     """The output of a row-parallel matmul: partial sums added over TP (and split along the sequence with SP)."""
-    if sequence_parallel:
+    if topology.sequence_parallel:
         return reduce_scatter_along(y, SEQ_DIM, topology.tp_group)
     return reduce_from_group(y, topology.tp_group)
 
@@ -58,41 +59,43 @@ def leave_tensor_parallel(y: torch.Tensor, topology: Topology, sequence_parallel
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows; each rank produces its slice of the outputs."""
 
-    def __init__(self, in_features: int, out_features: int, topology: Topology, sequence_parallel: bool = False):
+    def __init__(self, in_features: int, out_features: int, topology: Topology):
         super().__init__()
-        self.topology, self.sequence_parallel = topology, sequence_parallel
+        self.topology = topology
         local_out = _divide(out_features, topology.tp, "output features")
-        self.weight = tensor_parallel_weight((local_out, in_features), (out_features, in_features), 0, topology)
+        self.weight = tensor_parallel_weight((local_out, in_features), (out_features, in_features), dim=0,
+                                             topology=topology)
 
     def forward(self, x: torch.Tensor, entered: bool = False) -> torch.Tensor:
         """`entered`: `x` is already the output of `enter_tensor_parallel` (shared by several layers)."""
         if not entered:
-            x = enter_tensor_parallel(x, self.topology, self.sequence_parallel)
+            x = enter_tensor_parallel(x, self.topology)
         return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns; partial outputs are summed over the TP group."""
 
-    def __init__(self, in_features: int, out_features: int, topology: Topology, sequence_parallel: bool = False):
+    def __init__(self, in_features: int, out_features: int, topology: Topology):
         super().__init__()
-        self.topology, self.sequence_parallel = topology, sequence_parallel
+        self.topology = topology
         local_in = _divide(in_features, topology.tp, "input features")
-        self.weight = tensor_parallel_weight((out_features, local_in), (out_features, in_features), 1, topology)
+        self.weight = tensor_parallel_weight((out_features, local_in), (out_features, in_features), dim=1,
+                                             topology=topology)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return leave_tensor_parallel(F.linear(x, self.weight), self.topology, self.sequence_parallel)
+        return leave_tensor_parallel(F.linear(x, self.weight), self.topology)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; ids outside this rank's range contribute zeros."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, topology: Topology, sequence_parallel: bool = False):
+    def __init__(self, vocab_size: int, hidden_size: int, topology: Topology):
         super().__init__()
-        self.topology, self.sequence_parallel = topology, sequence_parallel
+        self.topology = topology
         local = _divide(vocab_size, topology.tp, "vocabulary size")
         self.start = topology.tp_rank * local
-        self.weight = tensor_parallel_weight((local, hidden_size), (vocab_size, hidden_size), 0, topology)
+        self.weight = tensor_parallel_weight((local, hidden_size), (vocab_size, hidden_size), dim=0, topology=topology)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.topology.tp == 1:
@@ -100,7 +103,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.start) | (ids >= self.start + self.weight.shape[0])
         local_ids = (ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return leave_tensor_parallel(out, self.topology, self.sequence_parallel)
+        return leave_tensor_parallel(out, self.topology)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

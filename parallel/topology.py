@@ -48,7 +48,7 @@ def masked_rank_groups(sizes: list[int], mask: list[bool]) -> list[list[int]]:
 class RankGenerator:
     """Rank groups of one view, for tokens like 'tp', 'dp-cp' or 'tp-ep' (Megatron's RankGenerator)."""
 
-    def __init__(self, tp: int, ep: int, dp: int, pp: int, cp: int, order: str):
+    def __init__(self, *, tp: int, ep: int, dp: int, pp: int, cp: int, order: str):
         self.sizes = {"tp": tp, "ep": ep, "dp": dp, "pp": pp, "cp": cp}
         self.order = order.split("-")
         self.world_size = tp * ep * dp * pp * cp
@@ -121,8 +121,8 @@ COORDINATES = {"tp": "tp", "cp": "cp", "dp": "dp", "pp": "pp", "dp_cp": "dp-cp",
 def group_tables(sizes: Sizes) -> dict[str, list[list[int]]]:
     """Every group of the layout: name -> list of rank lists (expert-view groups named ep, etp, edp, tp-ep)."""
     sizes.check()
-    dense = RankGenerator(sizes.tp, 1, sizes.dp, sizes.pp, sizes.cp, sizes.order)
-    expert = RankGenerator(sizes.expert_tp, sizes.ep, sizes.edp, sizes.pp, 1, sizes.order)
+    dense = RankGenerator(tp=sizes.tp, ep=1, dp=sizes.dp, pp=sizes.pp, cp=sizes.cp, order=sizes.order)
+    expert = RankGenerator(tp=sizes.expert_tp, ep=sizes.ep, dp=sizes.edp, pp=sizes.pp, cp=1, order=sizes.order)
     if dense.get_ranks("pp") != expert.get_ranks("pp"):
         raise TopologyError("the pipeline groups of the dense and expert views differ: check parallel.order")
     tables = {name: dense.get_ranks(name) for name in DENSE_GROUPS}
@@ -140,7 +140,7 @@ class Topology:
     members: dict = field(default_factory=dict)  # name -> the ranks of this rank's group
 
     @classmethod
-    def build(cls, sizes: Sizes, rank: int, create_groups: bool = True, timeout=None) -> "Topology":
+    def build(cls, sizes: Sizes, rank: int, *, create_groups: bool = True, timeout=None) -> "Topology":
         """This rank's coordinates and groups. With `create_groups`, torch.distributed must be initialised
         (when the world has more than one rank) and every rank must call this; `timeout` (a timedelta)
         bounds every collective of the groups."""

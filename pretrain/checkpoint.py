@@ -52,7 +52,7 @@ def check_writable(ckpt_dir: str) -> None:
         raise CheckpointError(f"checkpoint.dir={ckpt_dir!r} is not writable ({err.strerror}): choose another folder") from None
 
 
-def _sharded_state(model: torch.nn.Module, optimizer, topology, saving: bool) -> dict:
+def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool) -> dict:
     """Keys name the shard they hold, so every rank writes (and reads) only its own part:
     `model.pp<p>.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights;
     layers keep their global numbers), `optim.pp<p>.tp<t>` for the plain optimizer (likewise replicated)
@@ -82,7 +82,7 @@ def _keys(topology, saving: bool) -> dict[str, tuple[str, bool]]:
 
 
 def save(
-    ckpt_dir: str, step: int, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int,
+    ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int,
 ) -> str:
     """Write checkpoint `step` atomically (every rank its shards); return its folder."""
     rank = topology.rank
@@ -177,7 +177,7 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def check_compatible(path: str, meta: dict, model_signature: dict, layout: dict) -> None:
+def check_compatible(path: str, meta: dict, *, model_signature: dict, layout: dict) -> None:
     """Refuse a checkpoint of another model, or of another parallel layout, before anything is loaded."""
     if meta.get("layout") != layout:
         raise CheckpointError(
@@ -193,7 +193,7 @@ def check_compatible(path: str, meta: dict, model_signature: dict, layout: dict)
         )
 
 
-def load(path: str, model: torch.nn.Module, optimizer, topology) -> dict:
+def load(path: str, *, model: torch.nn.Module, optimizer, topology) -> dict:
     """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first); return its meta."""
     meta = read_meta(path)
     optimizer.materialize_state()

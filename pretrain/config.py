@@ -423,7 +423,8 @@ class Config:
             e.add(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1: interleaving splits "
                   "each pipeline stage into chunks; remove it or use more stages")
         try:
-            pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, p.first_stage_layers, p.last_stage_layers)
+            pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, first=p.first_stage_layers,
+                            last=p.last_stage_layers)
         except TopologyError as err:
             e.add(str(err))
         tp, cp = p.tensor, p.context

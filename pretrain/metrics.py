@@ -30,7 +30,7 @@ def _count(n: float) -> str:
 
 class Metrics:
     def __init__(
-        self, run_dir: str, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True,
+        self, run_dir: str, *, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True,
         resume_step: Optional[int] = None, loss_window: Optional[list[float]] = None,
     ):
         """`resume_step`: continuing a run, whose records up to that step are kept (later ones, from a run that

@@ -7,7 +7,7 @@ import math
 from pretrain.config import OptimizerConfig, SchedulerConfig
 
 
-def learning_rate(step: int, total_steps: int, opt: OptimizerConfig, sched: SchedulerConfig) -> float:
+def learning_rate(step: int, total_steps: int, *, opt: OptimizerConfig, sched: SchedulerConfig) -> float:
     """The learning rate of optimizer step `step` (1-based): linear warmup, then the decay, never below min_lr."""
     peak, floor = opt.lr, sched.min_lr
     if sched.warmup_iters and step <= sched.warmup_iters:

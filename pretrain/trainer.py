@@ -38,7 +38,7 @@ class NonFiniteError(FoldtronError, RuntimeError):
     """The loss became NaN or Inf; raised before the optimizer step, so no weight or checkpoint is touched."""
 
 
-def build_gradients(model: torch.nn.Module, cfg: Config, topology: Topology, device: torch.device) -> GradReducer:
+def build_gradients(model: torch.nn.Module, cfg: Config, topology: Topology, *, device: torch.device) -> GradReducer:
     """The gradient buffer in buckets (padded for sharding with optimizer.distributed) and its reducer."""
     params = [p for p in model.parameters() if p.requires_grad]
     layout = BucketLayout.build(
@@ -102,8 +102,8 @@ class Trainer:
         self.cfg = cfg = cfg.resolved(vocab_size)
         self.vocab_size = vocab_size
         p = cfg.parallel
-        self.chunks = pipeline_chunks(cfg.model.num_layers, p.pipeline, p.virtual_pipeline or 1, p.first_stage_layers,
-                                      p.last_stage_layers)
+        self.chunks = pipeline_chunks(cfg.model.num_layers, p.pipeline, p.virtual_pipeline or 1,
+                                      first=p.first_stage_layers, last=p.last_stage_layers)
 
         self.ckpt_dir = cfg.checkpoint_dir
         checkpoint.check_writable(self.ckpt_dir)
@@ -111,7 +111,8 @@ class Trainer:
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else {"step": 0, "consumed_samples": 0}
         checkpoint.check_no_later_checkpoints(self.ckpt_dir, meta["step"])
         if self.resume_from:
-            checkpoint.check_compatible(self.resume_from, meta, model_signature(cfg.model), self.layout())
+            checkpoint.check_compatible(self.resume_from, meta, model_signature=model_signature(cfg.model),
+                                        layout=self.layout())
             if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
                 raise CheckpointError(
                     f"{self.resume_from} was trained with other data settings (sources, phases, split, seq_length, "
@@ -125,16 +126,16 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         self.stage = Stage.of(topology, self.chunks, tie_embeddings=cfg.model.tie_embeddings)
-        self.model = GPT(cfg.model, vocab_size, topology, self.stage).to(self.device)
+        self.model = GPT(cfg.model, vocab_size, topology, stage=self.stage).to(self.device)
         local_tokens = cfg.model.seq_length // topology.cp // (topology.tp if topology.sequence_parallel else 1)
-        self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size), torch.float32,
-                              self.device)
+        self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size),
+                              dtype=torch.float32, device=self.device)
         self.model.init_parameters(cfg.run.seed)
         self.features = self.model.features()
-        self.grads = build_gradients(self.model, cfg, topology, self.device)
+        self.grads = build_gradients(self.model, cfg, topology, device=self.device)
         self.optimizer = build_optimizer(self.grads, cfg, device=self.device)
         if self.resume_from:
-            meta = checkpoint.load(self.resume_from, self.model, self.optimizer, topology)
+            meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology)
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
@@ -148,7 +149,8 @@ class Trainer:
         self.source_samples = self.data.schedule.counts(0, meta["consumed_samples"])
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
         self.metrics = Metrics(
-            cfg.run.dir, t.iters, self.tokens_per_step, cfg.logging.tensorboard, self.is_main,
+            cfg.run.dir, total_steps=t.iters, tokens_per_step=self.tokens_per_step, tensorboard=cfg.logging.tensorboard,
+            enabled=self.is_main,
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
         )
 
@@ -197,7 +199,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank."""
         step = self.step + 1
-        lr = learning_rate(step, self.cfg.train.iters, self.cfg.optimizer, self.cfg.scheduler)
+        lr = learning_rate(step, self.cfg.train.iters, opt=self.cfg.optimizer, sched=self.cfg.scheduler)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_value = self.forward_backward()
@@ -235,7 +237,8 @@ class Trainer:
             return output / count if self.stage.ends_model(chunk) else output  # the loss: a mean over micro-batches
 
         losses = run_schedule(
-            self.schedule, self.link, forward, lambda i, chunk: self.grads.start_micro_batch(last=i == count - 1)
+            self.schedule, self.link, forward,
+            before_backward=lambda i, chunk: self.grads.start_micro_batch(last=i == count - 1),
         )
         self.grads.finish()
         return self.stage_mean(sum(loss.detach() for loss in losses) if losses else torch.zeros((), device=self.device))
@@ -297,7 +300,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         path = checkpoint.save(
-            self.ckpt_dir, self.step, self.model, self.optimizer, self.topology, meta, self.cfg.checkpoint.keep_last
+            self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, topology=self.topology, meta=meta,
+            keep_last=self.cfg.checkpoint.keep_last,
         )
         self.last_saved = self.step
         if self.is_main:

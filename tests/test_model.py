@@ -182,7 +182,7 @@ def test_placement_pieces_split_along_the_partition_dimension():
     full = torch.arange(12.0).view(4, 3)
 
     def piece(dim, rank, size):
-        return full[Placement((4, 3), split(dim, "tp", rank, size)).local_slices()]
+        return full[Placement((4, 3), split(dim, "tp", rank=rank, size=size)).local_slices()]
 
     assert torch.equal(torch.cat([piece(0, r, 2) for r in range(2)]), full)
     assert torch.equal(torch.cat([piece(1, r, 3) for r in range(3)], dim=1), full)

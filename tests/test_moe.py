@@ -78,7 +78,7 @@ def test_capacity_drops_by_policy_and_pads(policy, pad):
     x = tokens(64)
     probs, routing_map = router(x, batch=1)
     chosen_probs, chosen = router.top_k_routing(x @ router.weight.T)
-    capacity = expert_capacity(64, 2, E, 0.5)
+    capacity = expert_capacity(64, 2, E, factor=0.5)
     assert capacity == 8
     per_expert = routing_map.sum(0)
     assert (per_expert == capacity).all() if pad else (per_expert <= capacity).all()

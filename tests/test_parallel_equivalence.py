@@ -56,7 +56,7 @@ def run_layout(rank: int, world: int, cfg):
     moe = {k: v for feature in trainer.features for k, v in feature.metrics().items()}
     losses = [first_loss]
     trainer.loader = type(trainer.loader)(trainer.data, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                          trainer.topology.dp_rank, trainer.topology.dp)  # back to sample 0
+                                          dp_rank=trainer.topology.dp_rank, dp_size=trainer.topology.dp)  # sample 0
     for _ in range(STEPS):
         losses.append(trainer.train_step()[0])
     in_flight = trainer.schedule.most_in_flight(trainer.topology.pp_rank)

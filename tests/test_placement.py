@@ -38,7 +38,7 @@ def every_rank():
         topology = Topology.build(SIZES, rank, create_groups=False)
         stage = Stage.of(topology, chunks, tie_embeddings=True)
         with torch.device("meta"):
-            model = GPT(cfg, VOCAB, topology, stage)
+            model = GPT(cfg, VOCAB, topology, stage=stage)
         out.append((topology, stage, {n: placement_of(p) for n, p in model.named_parameters()}))
     return out
 
@@ -112,7 +112,7 @@ def test_one_stage_holds_the_tied_table_once_untied():
 
 def test_a_placement_must_describe_the_tensor_it_is_attached_to():
     with pytest.raises(ValueError, match=r"cannot hold rows 0..4 of dim 0 \(tp\)"):
-        place(torch.nn.Parameter(torch.empty(3, 2)), Placement((8, 2), split(0, "tp", 0, 2)))
+        place(torch.nn.Parameter(torch.empty(3, 2)), Placement((8, 2), split(0, "tp", rank=0, size=2)))
     with pytest.raises(ValueError, match="has no placement"):
         placement_of(torch.nn.Parameter(torch.empty(2)))
     param = replicated(torch.nn.Parameter(torch.empty(2)))

@@ -8,7 +8,7 @@ from pretrain.schedule import learning_rate
 
 def lr(step, decay, total=110, **kw):
     sched = SchedulerConfig(warmup_iters=10, decay=decay, min_lr=0.1, **kw)
-    return learning_rate(step, total, OptimizerConfig(lr=1.0), sched)
+    return learning_rate(step, total, opt=OptimizerConfig(lr=1.0), sched=sched)
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "wsd", "constant"])

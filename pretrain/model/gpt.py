@@ -36,12 +36,13 @@ class Norm(nn.Module):
     """RMSNorm or LayerNorm over the hidden dimension. Under sequence parallelism its weights see only this rank's
     tokens (their gradients are summed over TP)."""
 
-    def __init__(self, size: int, kind: str, eps: float, topology: Topology):
+    def __init__(self, cfg: ModelConfig, topology: Topology):
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, size = cfg.norm, cfg.norm_eps, cfg.hidden_size
         sp = topology.sequence_parallel
         self.weight = replicated(nn.Parameter(torch.ones(size)), sequence_parallel=sp)
-        self.bias = replicated(nn.Parameter(torch.zeros(size)), sequence_parallel=sp) if kind == "layernorm" else None
+        self.bias = replicated(nn.Parameter(torch.zeros(size)), sequence_parallel=sp) if self.kind == "layernorm" \
+            else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -71,9 +72,8 @@ class Attention(nn.Module):
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
         qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * self.head_dim
         self.cp_group = topology.cp_group
-        sp = topology.sequence_parallel
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology, sp)
-        self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology, sp)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology)
+        self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, local heads and groups]: the whole local sequence, also under SP
@@ -83,20 +83,21 @@ class Attention(nn.Module):
         k = qkv[:, :, :, -2].transpose(1, 2)
         v = qkv[:, :, :, -1].transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = context_parallel.attention(q, k, v, positions, self.cp_group, enable_gqa=self.heads_per_group > 1)
+        y = context_parallel.attention(q, k, v, positions=positions, cp_group=self.cp_group,
+                                      enable_gqa=self.heads_per_group > 1)
         return self.out(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, topology: Topology, ffn_size: int | None = None):
         super().__init__()
-        sp, ffn = topology.sequence_parallel, ffn_size or cfg.ffn_size
-        self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, topology, sp) if cfg.activation == "swiglu" else None
-        self.up = ColumnParallelLinear(cfg.hidden_size, ffn, topology, sp)
-        self.down = RowParallelLinear(ffn, cfg.hidden_size, topology, sp)
+        ffn = ffn_size or cfg.ffn_size
+        self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, topology) if cfg.activation == "swiglu" else None
+        self.up = ColumnParallelLinear(cfg.hidden_size, ffn, topology)
+        self.down = RowParallelLinear(ffn, cfg.hidden_size, topology)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = enter_tensor_parallel(x, self.up.topology, self.up.sequence_parallel)  # once for gate and up
+        x = enter_tensor_parallel(x, self.up.topology)  # once for gate and up
         if self.gate is not None:
             h = F.silu(self.gate(x, entered=True)) * self.up(x, entered=True)
         else:
@@ -107,9 +108,9 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, topology: Topology, number: int):
         super().__init__()
-        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
+        self.attn_norm = Norm(cfg, topology)
         self.attention = Attention(cfg, topology)
-        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology)
+        self.mlp_norm = Norm(cfg, topology)
         if cfg.moe.is_moe_layer(number):
             shared = cfg.moe.shared_expert_ffn_hidden_size
             self.mlp = MoE(cfg, topology, MLP(cfg, topology, shared) if shared else None)
@@ -132,19 +133,17 @@ class GPT(nn.Module):
     numbers of the decoder layers of each of its chunks, and whether it holds the embedding and the output
     layer). Parameter names keep the global layer numbers (`layers.7.mlp.up.weight` on any stage)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, stage: Stage | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, *, stage: Stage | None = None):
         super().__init__()
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
         self.stage = stage = stage or Stage.whole(cfg.num_layers, tie_embeddings=cfg.tie_embeddings)
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        sp = topology.sequence_parallel
-        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology, sp) if stage.holds_embedding \
-            else None
+        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology) if stage.holds_embedding else None
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology, i) for layers in stage.chunks for i in layers})
-        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, topology) if stage.last else None
+        self.final_norm = Norm(cfg, topology) if stage.last else None
         self.output = None
         if stage.last and not cfg.tie_embeddings:
-            self.output = ColumnParallelLinear(cfg.hidden_size, vocab_size, topology, sp)
+            self.output = ColumnParallelLinear(cfg.hidden_size, vocab_size, topology)
         stage.assign([self.chunk_parameters(c) for c in range(len(stage.chunks))],
                      self.embedding.weight if self.embedding is not None else None)
 
@@ -176,7 +175,7 @@ class GPT(nn.Module):
         x = self.final_norm(x)
         if self.output is not None:
             return self.output(x)
-        return F.linear(enter_tensor_parallel(x, self.topology, self.topology.sequence_parallel), self.embedding.weight)
+        return F.linear(enter_tensor_parallel(x, self.topology), self.embedding.weight)
 
     def features(self) -> list[ModelFeature]:
         """The model features the training loop drives (see pretrain/model/features.py), on every stage of a
@@ -208,12 +207,12 @@ class GPT(nn.Module):
                 std = scaled_std if name.endswith(("attention.out.weight", "down.weight", "experts.down")) \
                     else self.cfg.init_std
                 if placement_of(param).expert:
-                    _init_experts(param, name, seed, std)
+                    _init_experts(param, name, seed=seed, std=std)
                 else:
                     init_normal_(param, std, torch.Generator().manual_seed(_name_seed(seed, name)))
 
 
-def _init_experts(param: nn.Parameter, name: str, seed: int, std: float) -> None:
+def _init_experts(param: nn.Parameter, name: str, *, seed: int, std: float) -> None:
     """Each expert from its own generator, keyed by its global number: any EP x ETP layout gets the same experts."""
     placement = placement_of(param)
     piece = placement.local_slices()[1:]  # of each expert's matrix (split over ETP)

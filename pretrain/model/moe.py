@@ -40,7 +40,8 @@ class Experts(nn.Module):
             shape = [local, rows, columns]
             shape[etp_dim] //= etp
             placement = Placement((moe.num_experts, rows, columns),
-                                  split(0, "ep", ep_rank, sizes.ep) + split(etp_dim, "etp", etp_rank, etp),
+                                  split(0, "ep", rank=ep_rank, size=sizes.ep)
+                                  + split(etp_dim, "etp", rank=etp_rank, size=etp),
                                   tensor_group="etp", data_group="edp")
             return place(nn.Parameter(torch.empty(shape)), placement)
 

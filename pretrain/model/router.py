@@ -51,7 +51,7 @@ class AuxLossScaler(torch.autograd.Function):
         return grad, torch.full_like(loss, ctx.scale), None
 
 
-def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+def expert_capacity(tokens: int, top_k: int, num_experts: int, *, factor: float) -> int:
     return min(tokens, math.ceil(tokens * top_k / num_experts * factor))
 
 
@@ -173,7 +173,7 @@ class Router(nn.Module):
     def apply_capacity(self, probs: torch.Tensor, routing_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep at most `capacity` tokens per expert (this rank's tokens); with padding, exactly `capacity`."""
         T = probs.shape[0]
-        capacity = expert_capacity(T, self.top_k, self.num_experts, self.cfg.capacity_factor)
+        capacity = expert_capacity(T, self.top_k, self.num_experts, factor=self.cfg.capacity_factor)
         if self.cfg.drop_policy == "probs":
             rank = probs.detach()
         else:  # earlier positions first; routed tokens before the others (integers: exact for any T)
