@@ -26,7 +26,7 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "ruff"],  # ruff: the lint step of .ci/run (ruff.toml)
         # CUDA only: FP8 and fused layers.
         "te": ["transformer-engine[pytorch]"],
     },

@@ -67,7 +67,8 @@ def _docs() -> Iterator[dict]:
             tree = ast.parse(doc["text"])
         except (SyntaxError, ValueError):
             continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         texts = [t for t in (ast.get_docstring(n) for n in nodes) if t]
         if texts:
             yield {"text": "\n\n".join(texts) + "\n", "path": doc["path"]}
@@ -81,7 +82,8 @@ CORPORA: dict[str, Callable[[], Iterator[dict]]] = {
 def embedded_prefix(name: str, cache_dir: str | None = None) -> str:
     """The prefix of the byte-tokenized embedded corpus `name`, built on first use."""
     if name not in CORPORA:
-        raise DatasetError(f"{PREFIX}{name}: unknown embedded corpus; choose one of {', '.join(PREFIX + n for n in CORPORA)}")
+        raise DatasetError(f"{PREFIX}{name}: unknown embedded corpus; "
+                           f"choose one of {', '.join(PREFIX + n for n in CORPORA)}")
     cache = cache_dir or default_cache_dir()
     prefix = os.path.join(cache, f"{name}-py{sys.version_info.major}{sys.version_info.minor}-byte")
     if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):

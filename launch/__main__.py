@@ -86,8 +86,8 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     if p.pipeline > 1:
         lines += ["pipeline: " + describe_chunks(chunks)]
         if virtual > 1:
-            lines.append(f"interleaved 1F1B, {virtual} chunks per stage, {micro} micro-batches per step: bubble fraction "
-                         f"(p-1)/(v*m+p-1) = {bubble_fraction(p.pipeline, micro, virtual):.1%}")
+            lines.append(f"interleaved 1F1B, {virtual} chunks per stage, {micro} micro-batches per step: "
+                         f"bubble fraction (p-1)/(v*m+p-1) = {bubble_fraction(p.pipeline, micro, virtual):.1%}")
         else:
             lines.append(f"1F1B with {micro} micro-batches per step: bubble fraction (p-1)/(m+p-1) = "
                          f"{bubble_fraction(p.pipeline, micro):.1%}")
@@ -114,7 +114,8 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
         f"  fp{WEIGHT_BYTES * 8} weights, fp32 gradients, fp32 Adam states "
-        + (f"sharded over DP x CP = {shards} ranks" + (f" (experts: over EDP = {sizes.edp})" if m.moe.num_experts else "")
+        + (f"sharded over DP x CP = {shards} ranks"
+           + (f" (experts: over EDP = {sizes.edp})" if m.moe.num_experts else "")
            if sharded else "not sharded (optimizer.distributed off)"),
         f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
         "tokens, no recomputation" + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else ""),

@@ -44,7 +44,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: t
     k = gather_along(k, HEAD_SEQ_DIM, cp_group)
     v = gather_along(v, HEAD_SEQ_DIM, cp_group)
     mask = gathered_positions(cp, q.shape[-2] * cp, q.device)[None, :] <= positions[0][:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)  # mask: where a query may look
+    # mask: where a query may look
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
 def gathered_positions(cp: int, seq_length: int, device) -> torch.Tensor:

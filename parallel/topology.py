@@ -135,7 +135,8 @@ def group_tables(sizes: Sizes) -> dict[str, list[list[int]]]:
 class Topology:
     sizes: Sizes
     rank: int
-    coords: dict = field(default_factory=dict)  # axis -> this rank's index, dense view (tp, cp, dp, pp) and expert (ep, etp, edp)
+    # axis -> this rank's index, dense view (tp, cp, dp, pp) and expert (ep, etp, edp)
+    coords: dict = field(default_factory=dict)
     groups: dict = field(default_factory=dict)  # name -> ProcessGroup (None when a single rank)
     members: dict = field(default_factory=dict)  # name -> the ranks of this rank's group
 

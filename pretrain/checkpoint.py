@@ -49,7 +49,8 @@ def check_writable(ckpt_dir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise CheckpointError(f"checkpoint.dir={ckpt_dir!r} is not writable ({err.strerror}): choose another folder") from None
+        raise CheckpointError(f"checkpoint.dir={ckpt_dir!r} is not writable ({err.strerror}): "
+                              "choose another folder") from None
 
 
 def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool) -> dict:
@@ -173,7 +174,8 @@ def read_meta(path: str) -> dict:
             meta = json.load(f)
         int(meta["step"]), int(meta["consumed_samples"])
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); resume from another checkpoint") from None
+        raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); "
+                              "resume from another checkpoint") from None
     return meta
 
 
@@ -185,7 +187,8 @@ def check_compatible(path: str, meta: dict, *, model_signature: dict, layout: di
             "another layout is not supported yet; resume with the layout it was saved with"
         )
     saved = meta.get("model_signature", {})
-    different = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in model_signature.items() if saved.get(k) != v]
+    different = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)"
+                 for k, v in model_signature.items() if saved.get(k) != v]
     if different:
         raise CheckpointError(
             f"{path} holds a different model: " + "; ".join(different)

@@ -77,7 +77,8 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     capacity_factor: Optional[float] = None  # null: dropless
-    drop_policy: Literal["probs", "position"] = "probs"  # over capacity, keep the highest probabilities or the first tokens
+    # over capacity, keep the highest probabilities or the first tokens
+    drop_policy: Literal["probs", "position"] = "probs"
     pad_to_capacity: bool = False  # every expert gets exactly its capacity (fixed shapes)
     experts: Literal["auto", "grouped", "loop"] = "auto"  # auto: a grouped matmul where torch has one, else a loop
 
@@ -241,7 +242,8 @@ class Config:
         m, p = self.model, self.parallel
         return dataclasses.replace(
             self,
-            model=dataclasses.replace(m, num_query_groups=m.query_groups, ffn_hidden_size=m.ffn_size, vocab_size=vocab_size),
+            model=dataclasses.replace(m, num_query_groups=m.query_groups, ffn_hidden_size=m.ffn_size,
+                                      vocab_size=vocab_size),
             parallel=dataclasses.replace(p, expert_tensor=p.expert_tensor or p.tensor),
             checkpoint=dataclasses.replace(self.checkpoint, dir=self.checkpoint_dir),
         )
@@ -444,14 +446,16 @@ class Config:
             e.add(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={tp}")
         split = 2 * cp * tp if cp > 1 else (tp if p.sequence_parallel else 1)
         if m.seq_length % split:
-            why = f"2 x parallel.context x parallel.tensor = {split}" if cp > 1 else f"parallel.tensor = {tp} (sequence parallelism)"
+            why = (f"2 x parallel.context x parallel.tensor = {split}" if cp > 1
+                   else f"parallel.tensor = {tp} (sequence parallelism)")
             e.add(f"model.seq_length={m.seq_length} is not divisible by {why}: choose a multiple of {split}")
         per_step = t.micro_batch_size * sizes.dp
         if t.global_batch_size % per_step:
             e.add(
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
                 f"{t.micro_batch_size} x data-parallel size {sizes.dp} = {per_step}: "
-                f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} or a smaller micro-batch"
+                f"use a global batch of {max(per_step, t.global_batch_size // per_step * per_step)} "
+                "or a smaller micro-batch"
             )
         elif (p.virtual_pipeline or 1) > 1 and (t.global_batch_size // per_step) % p.pipeline:
             micro = t.global_batch_size // per_step

@@ -49,7 +49,7 @@ def build_gradients(model: torch.nn.Module, cfg: Config, topology: Topology, *, 
 
 
 def build_optimizer(grads: GradReducer, cfg: Config, *, device: torch.device):
-    """AdamW with weight decay on matrices only (not on norms or GPAS gates), fused where supported; with
+    """AdamW with weight decay on matrices only (not on norms, gates or biases), fused where supported; with
     optimizer.distributed, its states sharded over the data groups, and the model's weights moved into one
     flat buffer laid out like the gradients (`adopt_flat_storage`: the one place where that happens)."""
     o = cfg.optimizer
@@ -93,12 +93,14 @@ class Trainer:
     def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
         cfg.validate(world_size)
         self.device = distributed.setup(cfg, world_size, rank)
-        self.topology = topology = Topology.build(cfg.sizes(world_size), rank, timeout=distributed.collective_timeout(cfg))
+        self.topology = topology = Topology.build(cfg.sizes(world_size), rank,
+                                                  timeout=distributed.collective_timeout(cfg))
         self.is_main = rank == 0
         self.tokenizer = load_tokenizer(cfg)
         vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, cfg.model.vocab_multiple)
         if vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} ids")
+            raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size} ids")
         self.cfg = cfg = cfg.resolved(vocab_size)
         self.vocab_size = vocab_size
         p = cfg.parallel
@@ -257,8 +259,8 @@ class Trainer:
             )
 
     def clip_gradients(self) -> float:
-        """Clip by the global norm over every rank, the parameters a model feature clips on its own (GPAS gates
-        with model.gpas.gate_grad_clip) separately; returns the norm of the others before clipping."""
+        """Clip by the global norm over every rank, the parameters a model feature clips on its own (its
+        `separate_clip`) separately; returns the norm of the others before clipping."""
         apart: set = set()
         for params, max_norm in filter(None, (f.separate_clip() for f in self.features)):
             selected = params.__contains__
@@ -315,7 +317,8 @@ class Trainer:
             f"model: {self.model.num_parameters():,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads} heads / {m.query_groups} query groups, vocab {self.vocab_size})",
             f"data: {len(self.plan.sources)} source(s) in {len(self.plan.schedule.phase_names)} phase(s), "
-            f"{len(self.data.validation)} validation set(s); samples of {m.seq_length + 1} tokens\n" + _indent(self.plan.report()),
+            f"{len(self.data.validation)} validation set(s); samples of {m.seq_length + 1} tokens\n"
+            + _indent(self.plan.report()),
             f"batch: {t.global_batch_size} sequences = {self.tokens_per_step:,} tokens per step, "
             f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
             f"precision {self.cfg.precision.dtype}",

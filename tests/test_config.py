@@ -65,7 +65,8 @@ def test_name_and_type_errors(override, message):
          "num_groups must divide num_experts=8"),
         (["model.moe.num_experts=8", "model.moe.router.expert_bias_update_rate=1e-3"], "needs router.score=sigmoid"),
         (["model.moe.num_experts=8", "model.moe.router.num_groups=4"], "num_groups and group_top_k go together"),
-        (["model.moe.num_experts=8", "model.moe.top_k=4", "model.moe.router.num_groups=4", "model.moe.router.group_top_k=1"],
+        (["model.moe.num_experts=8", "model.moe.top_k=4", "model.moe.router.num_groups=4",
+          "model.moe.router.group_top_k=1"],
          "must supply top_k / group_top_k = 4 experts but holds only num_experts / num_groups = 2"),
         (["model.moe.num_experts=8", "model.moe.dispatcher=all2all"], "did you mean 'alltoall'"),
         (["parallel.tensor=3"], "does not divide the world size 1"),
@@ -93,20 +94,26 @@ def test_all_problems_reported_at_once():
     "world, overrides, message",
     [
         (8, ["parallel.tensor=3"], "3 x 1 x 1 = 3 does not divide the world size 8"),
-        (8, ["parallel.tensor=8", "model.num_query_groups=4"], "model.num_attention_heads=4 is not divisible by parallel.tensor=8"),
-        (4, ["parallel.tensor=4", "model.num_query_groups=2"], "model.num_query_groups=2 is not divisible by parallel.tensor=4"),
-        (8, ["parallel.tensor=2", "parallel.context=2", "model.seq_length=100"], "2 x parallel.context x parallel.tensor = 8"),
+        (8, ["parallel.tensor=8", "model.num_query_groups=4"],
+         "model.num_attention_heads=4 is not divisible by parallel.tensor=8"),
+        (4, ["parallel.tensor=4", "model.num_query_groups=2"],
+         "model.num_query_groups=2 is not divisible by parallel.tensor=4"),
+        (8, ["parallel.tensor=2", "parallel.context=2", "model.seq_length=100"],
+         "2 x parallel.context x parallel.tensor = 8"),
         (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=101"], "(sequence parallelism)"),
-        (2, ["parallel.pipeline=2", "model.num_layers=3"], "model.num_layers=3 is not divisible by parallel.pipeline=2"),
+        (2, ["parallel.pipeline=2", "model.num_layers=3"],
+         "model.num_layers=3 is not divisible by parallel.pipeline=2"),
         (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=6"],
          "model.num_layers=6 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 2 x 2 = 4 chunks"),
         (1, ["parallel.virtual_pipeline=2"], "parallel.virtual_pipeline=2 needs parallel.pipeline > 1"),
         (4, ["parallel.pipeline=4", "parallel.first_stage_layers=3"], "leaves 1 layers for 3 middle piece(s)"),
         (8, ["parallel.expert=4"], "set model.moe.num_experts"),
-        (8, ["model.moe.num_experts=6", "parallel.expert=4"], "model.moe.num_experts=6 is not divisible by parallel.expert=4"),
+        (8, ["model.moe.num_experts=6", "parallel.expert=4"],
+         "model.moe.num_experts=6 is not divisible by parallel.expert=4"),
         (8, ["model.moe.num_experts=8", "parallel.tensor=2"], "needs parallel.sequence_parallel=true"),
         (8, ["model.moe.num_experts=8", "parallel.expert_tensor=3"], "3 x 1 x 1 = 3 does not divide the world size 8"),
-        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "parallel.first_stage_layers=2"],
+        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4",
+             "parallel.first_stage_layers=2"],
          "leaves 2 layers for 3 middle piece(s) of parallel.pipeline x parallel.virtual_pipeline"),
     ],
 )
@@ -121,7 +128,8 @@ def test_interleaving_needs_micro_batches_in_groups_of_stages():
     with pytest.raises(ConfigError, match=re.escape("gives 3 micro-batches per data-parallel rank")) as err:
         load_config(None, base + ["train.global_batch_size=12"]).validate(world_size=4)
     assert "parallel.pipeline=2" in str(err.value) and "use a global batch of 16" in str(err.value)
-    load_config(None, base[:1] + base[2:] + ["train.global_batch_size=12"]).validate(world_size=4)  # plain 1F1B: any count
+    # plain 1F1B: any count
+    load_config(None, base[:1] + base[2:] + ["train.global_batch_size=12"]).validate(world_size=4)
 
 
 def test_global_batch_checked_against_data_parallel_size():

@@ -4,7 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from data.indexed import DatasetError, check_indexed_dataset, megatron_indexed, open_indexed_dataset, write_indexed_dataset
+from data.indexed import (
+    DatasetError, check_indexed_dataset, megatron_indexed, open_indexed_dataset, write_indexed_dataset,
+)
 from data.tokenizers import ByteTokenizer
 
 

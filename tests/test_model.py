@@ -16,7 +16,8 @@ VOCAB = 64
 
 def small(**kw) -> ModelConfig:
     args = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=16"]
-    args += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kw.items() if not isinstance(v, dict)]
+    args += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in kw.items() if not isinstance(v, dict)]
     cfg = load_config(None, args)
     for k, v in kw.items():
         if isinstance(v, dict):

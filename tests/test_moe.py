@@ -124,7 +124,8 @@ def test_sequence_balancing_loss_counts_each_sequence_alone():
     logits = x @ router.weight.T
     scores = torch.softmax(logits, dim=1)
     chosen = torch.zeros_like(scores).scatter(1, logits.topk(2).indices, 1.0)
-    per_sequence = [E / (2 * 16**2) * (scores[s].sum(0) * chosen[s].sum(0)).sum() for s in (slice(0, 16), slice(16, 32))]
+    per_sequence = [E / (2 * 16**2) * (scores[s].sum(0) * chosen[s].sum(0)).sum()
+                    for s in (slice(0, 16), slice(16, 32))]
     torch.testing.assert_close(router.load_balancing_loss(logits, batch=2), sum(per_sequence) / 2)
 
 
@@ -148,7 +149,8 @@ def test_grouped_experts_equal_the_loop_and_idle_experts_get_zero_gradients(acti
     counts = [5, 0, 7, 0]  # experts 1 and 3 receive no token
     results = []
     for kind in ("loop", "grouped"):
-        cfg = ModelConfig(hidden_size=H, activation=activation, moe=MoEConfig(num_experts=4, ffn_hidden_size=24, experts=kind))
+        cfg = ModelConfig(hidden_size=H, activation=activation,
+                          moe=MoEConfig(num_experts=4, ffn_hidden_size=24, experts=kind))
         experts = Experts(cfg, Topology.single())
         for i, p in enumerate(experts.parameters()):
             torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(i))

@@ -227,7 +227,8 @@ def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path
     if "parallel.virtual_pipeline=2" in layout:  # the same ranks, the layers cut into other stages
         plain = [o for o in layout if not o.startswith("parallel.virtual")]
         with pytest.raises(AssertionError, match="pipeline_layers"):
-            run_ranks(8, train_and_report, layout_config(tmp_path / "part", tiny_corpus, *plain, *extra, "train.iters=9"))
+            run_ranks(8, train_and_report,
+                      layout_config(tmp_path / "part", tiny_corpus, *plain, *extra, "train.iters=9"))
 
 
 def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):

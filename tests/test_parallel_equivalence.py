@@ -22,7 +22,8 @@ STEPS = 10
 
 def layout_config(tmp_path, corpus, *overrides):
     return tiny_config(
-        tmp_path, corpus, "model.seq_length=32", "model.num_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2",
+        tmp_path, corpus,
+        "model.seq_length=32", "model.num_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2",
         f"train.iters={STEPS}", "eval.interval=0", "checkpoint.interval=0", "checkpoint.save_at_end=false",
         "data.prefetch=0", *overrides,
     )
@@ -96,7 +97,8 @@ LAYOUTS = {
         "parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.distributed=true",
         "parallel.grad_bucket_mb=0.005"]),
     "PP2xTP2xDP2 SP": (8, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "PP2xCP2xDP2 distributed optimizer": (8, ["parallel.pipeline=2", "parallel.context=2", "optimizer.distributed=true"]),
+    "PP2xCP2xDP2 distributed optimizer": (8, [
+        "parallel.pipeline=2", "parallel.context=2", "optimizer.distributed=true"]),
     # with tied embeddings: the first and the last stage each hold a copy of the table, each copy sharded over DP;
     # both must be stepped alike and all-gathered, or the copies drift apart and from the one-rank model
     "PP2xDP2 distributed optimizer": (4, ["parallel.pipeline=2", "optimizer.distributed=true"]),
@@ -147,7 +149,8 @@ def test_moe_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, m
     without_dp = ("TP2 SP x CP2, EP4", "PP2 x TP2 SP, EP2")
     if model.startswith("global") != (layout in without_dp):
         pytest.skip("the global balancing loss runs on the layouts without DP, and only there")
-    if model.startswith("shared") and layout not in ("attention TP2 SP x DP2, experts ETP1 x EP4", "TP2 SP x CP2 x DP2, EP8"):
+    if model.startswith("shared") and layout not in ("attention TP2 SP x DP2, experts ETP1 x EP4",
+                                                     "TP2 SP x CP2 x DP2, EP8"):
         pytest.skip("the router and shared-expert variants run on the folded layouts")
     world, overrides = MOE_LAYOUTS[layout]
     _compare(tmp_path, tiny_corpus, reference(*MOE_MODELS[model]), world, MOE_MODELS[model], overrides)
@@ -195,7 +198,8 @@ def _compare(tmp_path, corpus, expected, world, model_overrides, overrides):
     seen = set()
     for result in results:  # pipeline stages hold different layers; the tied embedding is on two of them
         for name, grad in result["grads"].items():
-            torch.testing.assert_close(grad, expected["grads"][name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, expected["grads"][name], rtol=1e-4, atol=1e-7,
+                                       msg=lambda m: f"{name}: {m}")
             seen.add(name)
     assert seen == set(expected["grads"])
     for k, (a, b) in enumerate(zip(got["losses"], expected["losses"])):

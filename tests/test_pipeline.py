@@ -84,4 +84,5 @@ def test_interleaving_shrinks_the_bubble():
 def test_evaluation_runs_forwards_only():
     schedule = PipelineSchedule(2, 4, 2, train=False)
     assert all(not a.backward for order in schedule.orders for a in order)
-    assert stage_order(2, 1, 4, chunks=2, train=False)[:3] == [Action(False, 0, 0), Action(False, 1, 0), Action(False, 0, 1)]
+    assert stage_order(2, 1, 4, chunks=2, train=False)[:3] == [
+        Action(False, 0, 0), Action(False, 1, 0), Action(False, 0, 1)]

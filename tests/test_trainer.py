@@ -272,7 +272,8 @@ def test_resume_inside_the_second_phase_is_exact(tmp_path, tiny_corpus):
     rest = two_phase(tmp_path / "part", tiny_corpus, "checkpoint.interval=0")
     train(rest)
     keys = ("step", "loss", "grad_norm", "phase", "tokens_by_source", "val_loss")
-    assert [[r.get(k) for k in keys] for r in read_metrics(rest)] == [[r.get(k) for k in keys] for r in read_metrics(full)]
+    assert [[r.get(k) for k in keys] for r in read_metrics(rest)] == [
+        [r.get(k) for k in keys] for r in read_metrics(full)]
 
 
 def test_resume_with_other_data_settings_is_refused(tmp_path, tiny_corpus):

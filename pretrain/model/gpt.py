@@ -138,8 +138,10 @@ class GPT(nn.Module):
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
         self.stage = stage = stage or Stage.whole(cfg.num_layers, tie_embeddings=cfg.tie_embeddings)
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology) if stage.holds_embedding else None
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology, i) for layers in stage.chunks for i in layers})
+        self.embedding = (VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology)
+                          if stage.holds_embedding else None)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology, i)
+                                     for layers in stage.chunks for i in layers})
         self.final_norm = Norm(cfg, topology) if stage.last else None
         self.output = None
         if stage.last and not cfg.tie_embeddings:
@@ -153,7 +155,7 @@ class GPT(nn.Module):
         if self.stage.starts_model(chunk):
             modules.insert(0, self.embedding)
         if self.stage.ends_model(chunk):
-            modules += [self.final_norm, self.output or self.embedding]
+            modules += [self.final_norm, self.output if self.output is not None else self.embedding]
         return list(dict.fromkeys(p for m in modules for p in m.parameters()))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
@@ -197,7 +199,8 @@ class GPT(nn.Module):
     def init_parameters(self, seed: int) -> None:
         """Draw every parameter from a generator keyed by (seed, name), then keep this rank's slice,
         so the same seed gives the same model whatever the parallel layout."""
-        scaled_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scaled_init else self.cfg.init_std
+        scaled_std = (self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scaled_init
+                      else self.cfg.init_std)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)

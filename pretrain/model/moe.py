@@ -143,7 +143,8 @@ class MoEFeature(ModelFeature):
         layers = gather_over_stages(layers, tp)
         total = lambda key: sum(layer[key] for layer in layers.values())  # noqa: E731
         record = {
-            "moe_aux_loss": total("aux_loss") / len(layers), "moe_load_imbalance": total("load_imbalance") / len(layers),
+            "moe_aux_loss": total("aux_loss") / len(layers),
+            "moe_load_imbalance": total("load_imbalance") / len(layers),
             "moe_dropped_fraction": 1.0 - total("kept") / total("routed"),
             "moe_aux_loss_by_layer": {i: layer["aux_loss"] for i, layer in layers.items()},
             "moe_load_imbalance_by_layer": {i: layer["load_imbalance"] for i, layer in layers.items()},

@@ -75,8 +75,8 @@ class Router(nn.Module):
         balancing and z-losses (CP / micro-batches: see the module docstring)."""
         self.loss_scale = loss_scale
         zeros = lambda *shape: torch.zeros(shape, device=self.weight.device)  # noqa: E731
-        self.stats = {"aux": zeros(), "z": zeros(), "tokens": zeros(self.num_experts), "routed": zeros(), "kept": zeros(),
-                      "micro_batches": 0}
+        self.stats = {"aux": zeros(), "z": zeros(), "tokens": zeros(self.num_experts), "routed": zeros(),
+                      "kept": zeros(), "micro_batches": 0}
         self.global_tokens = zeros(self.num_experts)  # global_aux_loss: the micro-batches so far, over TP x DP x CP
 
     def forward(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
