@@ -22,7 +22,7 @@ import torch
 from parallel.placement import placement_of
 
 
-@dataclass(frozen=True, eq=False)  # compared and hashed by identity: buckets key the reducer's state
+@dataclass(frozen=True, eq=False, kw_only=True)  # compared and hashed by identity: buckets key the reducer's state
 class Bucket:
     params: tuple[torch.nn.Parameter, ...]
     ranges: tuple[tuple[int, int], ...]  # each param's [start, end) in the flat buffer
@@ -43,7 +43,7 @@ class Bucket:
         return self.start + rank * self.shard_size, self.start + (rank + 1) * self.shard_size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BucketLayout:
     params: tuple[torch.nn.Parameter, ...]  # in the model's order
     buckets: tuple[Bucket, ...]
@@ -82,10 +82,12 @@ class BucketLayout:
                 ranges.append((offset, offset + p.numel()))
                 offset += p.numel()
             end = start + math.ceil((offset - start) / size) * size if sharded else offset
-            bucket = Bucket(tuple(members), tuple(ranges), start, end, group, size, shard_start, is_tied)
+            bucket = Bucket(params=tuple(members), ranges=tuple(ranges), start=start, end=end, group=group,
+                            replicas=size, shard_start=shard_start, tied=is_tied)
             buckets.append(bucket)
             start, shard_start = end, shard_start + bucket.shard_size
-        return cls(tuple(params), tuple(buckets), start, shard_start if sharded else 0, sharded)
+        return cls(params=tuple(params), buckets=tuple(buckets), size=start, shard_size=shard_start if sharded else 0,
+                   sharded=sharded)
 
     def places(self):
         """(bucket, param, start, end) for every parameter, in buffer order."""

@@ -34,10 +34,10 @@ class GradReducer:
         self.grad_scale = 1.0 / (topology.dp * topology.cp)
         self.grad = torch.zeros(layout.size, dtype=torch.float32, device=device)
         self.grad_shard = torch.zeros(layout.shard_size, dtype=torch.float32, device=device) if layout.sharded else None
-        self.bucket_of, self.range_of = {}, {}
+        self.bucket_of = {}
         for bucket, p, a, b in layout.places():
             p.main_grad = self.grad[a:b].view_as(p)
-            self.bucket_of[p], self.range_of[p] = bucket, (a, b)
+            self.bucket_of[p] = bucket
             p.register_post_accumulate_grad_hook(self._on_grad)
         self.pending = {bucket: 0 for bucket in layout.buckets}
         self.handles: dict[Bucket, object] = {}

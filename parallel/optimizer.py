@@ -38,12 +38,12 @@ def _decay_groups(pairs: list, weight_decay: float) -> list[dict]:
         {"params": [t for p, t in pairs if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [t for p, t in pairs if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return [g for g in groups if g["params"]] or [{"params": [torch.zeros(0)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
-def _indexed_state(optimizer: torch.optim.Optimizer, keep=lambda index: True) -> dict:
+def _indexed_state(optimizer: torch.optim.Optimizer) -> dict:
     state = optimizer.state_dict()
-    return {"state": {str(k): v for k, v in state["state"].items() if keep(k)}, "param_groups": state["param_groups"]}
+    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
 
 
 class _AdamW:
@@ -95,9 +95,11 @@ class PlainAdamW(_AdamW):
             p.grad = None
 
     def state_parts(self) -> dict[str, dict]:
-        parts = {"dense": _indexed_state(self.inner, lambda i: i not in self.expert_indices)}
-        if self.expert_indices:
-            parts["experts"] = {"state": _indexed_state(self.inner, lambda i: i in self.expert_indices)["state"]}
+        whole = _indexed_state(self.inner)
+        expert = {str(i) for i in self.expert_indices}
+        parts = {"dense": {**whole, "state": {k: v for k, v in whole["state"].items() if k not in expert}}}
+        if expert:
+            parts["experts"] = {"state": {k: v for k, v in whole["state"].items() if k in expert}}
         return parts
 
     def load_state_parts(self, parts: dict[str, dict]) -> None:
@@ -116,7 +118,9 @@ class DistributedAdamW(_AdamW):
             raise ValueError("flat_params must come from adopt_flat_storage over the reducer's layout")
         self.reducer, self.flat_params = reducer, flat_params
         self.pieces = [(p, flat_params[a:b], reducer.reduced_grad(p, a, b)) for p, a, b in reducer.owned_ranges()]
-        groups = _decay_groups([(p, master) for p, master, _ in self.pieces], weight_decay)
+        # a rank may own no slice of any weight: torch's optimizers need a tensor to hold the hyperparameters
+        groups = _decay_groups([(p, master) for p, master, _ in self.pieces], weight_decay) or [
+            {"params": [torch.zeros(0)], "weight_decay": 0.0}]
         self.inner = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
     def step(self) -> None:

@@ -24,7 +24,7 @@ ordering of sends can deadlock, for any order of actions that is itself valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -74,6 +74,7 @@ class Stage:
     (`tied_copies`), kept equal by summing both copies' gradients over the embedding group."""
 
     chunks: tuple[range, ...]
+    _: KW_ONLY
     first: bool = True
     last: bool = True
     tie_embeddings: bool = False
@@ -81,7 +82,8 @@ class Stage:
     @classmethod
     def of(cls, topology, chunks: list[list[range]], *, tie_embeddings: bool) -> "Stage":
         """This rank's stage of the split `chunks` (from `pipeline_chunks`)."""
-        return cls(tuple(chunks[topology.pp_rank]), topology.is_first_stage, topology.is_last_stage, tie_embeddings)
+        return cls(tuple(chunks[topology.pp_rank]), first=topology.is_first_stage, last=topology.is_last_stage,
+                   tie_embeddings=tie_embeddings)
 
     @classmethod
     def whole(cls, num_layers: int, *, tie_embeddings: bool = False) -> "Stage":

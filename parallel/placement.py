@@ -10,8 +10,12 @@ parameter that has none instead of falling back to a default. Its readers:
 - gradient buckets keep dense and expert weights apart (`data_group`) and do not span pipeline chunks;
 - the reducer sums `sequence_parallel` gradients over TP and the `tied` copies over the embedding group;
 - the gradient norm counts each element once (see `parallel/grad_norm.py`);
-- checkpoints and `launch --dry-run` ask what a rank holds: `describe()` says "rows a..b of dim d
-  of a tensor of global shape S" for every split, expert stacks included.
+- checkpoints keep expert weights apart (`expert`), and `launch --dry-run` counts tensor-parallel and
+  replicated weights (`split_over_tensor_group`);
+- `local_slices()` and `describe()` say which rows of which dim of the global tensor a rank holds
+  ("rows a..b of dim d of a tensor of global shape S"), expert stacks included: what a checkpoint that
+  moves between layouts keys on. A weight split over a group of one rank keeps its split (of size 1):
+  it is still a tensor-parallel weight, whole on that rank.
 
 Group names are the `Topology`'s ("tp", "etp", "ep", "dp-cp", "edp").
 """
@@ -19,7 +23,7 @@ Group names are the `Topology`'s ("tp", "etp", "ep", "dp-cp", "edp").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Optional
 
 import torch
@@ -34,8 +38,13 @@ class Split:
 
     dim: int
     group: str
+    _: KW_ONLY
     rank: int
     size: int
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} of a group of {self.size}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Placement:
 
     global_shape: tuple[int, ...]
     splits: tuple[Split, ...] = ()
+    _: KW_ONLY
     tensor_group: str = "tp"
     data_group: str = "dp-cp"
     sequence_parallel: bool = False
@@ -67,13 +77,16 @@ class Placement:
 
     @property
     def split_over_tensor_group(self) -> bool:
-        return any(s.group == self.tensor_group and s.size > 1 for s in self.splits)
+        """A tensor-parallel weight (each rank of its tensor group holds its own piece), else replicated there."""
+        return any(s.group == self.tensor_group for s in self.splits)
 
     @property
     def experts(self) -> range:
-        """The global numbers of the experts stacked along dim 0 (expert weights only)."""
-        ep = [s for s in self.splits if s.group == "ep"]
-        return self.span(ep[0]) if ep else range(self.global_shape[0])
+        """The global numbers of the experts this rank holds, stacked along dim 0."""
+        (ep,) = [s for s in self.splits if s.group == "ep"] or [None]
+        if ep is None:
+            raise ValueError(f"{self.describe()} is not a stack of experts")
+        return self.span(ep)
 
     def span(self, split: Split) -> range:
         length = self.global_shape[split.dim] // split.size
@@ -105,8 +118,8 @@ class Placement:
 
 
 def split(dim: int, group: str, *, rank: int, size: int) -> tuple[Split, ...]:
-    """One split, or none when the group has one rank (the tensor is then whole on this rank)."""
-    return (Split(dim, group, rank, size),) if size > 1 else ()
+    """Dimension `dim` split over `group` (of `size` ranks; with one rank the tensor is whole on it)."""
+    return (Split(dim, group, rank=rank, size=size),)
 
 
 def place(param: torch.nn.Parameter, placement: Placement) -> torch.nn.Parameter:

@@ -60,24 +60,24 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool)
     or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice; (tp, dpcp) names a rank
     of the stage). Expert weights, and their plain-optimizer states, are replicated over EDP instead:
     they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0."""
-    keys = _keys(topology, saving)
+    keys = _keys(topology, saving=saving)
     experts = {n for n, p in model.named_parameters() if placement_of(p).expert}
     weights = model.state_dict()
-    parts = {"model": {k: v for k, v in weights.items() if k not in experts}}
+    parts = {"weights": {k: v for k, v in weights.items() if k not in experts}}
     if experts:
-        parts["model_experts"] = {k: v for k, v in weights.items() if k in experts}
+        parts["expert_weights"] = {k: v for k, v in weights.items() if k in experts}
     parts.update(optimizer.state_parts())
     return {keys[part][0]: value for part, value in parts.items() if keys[part][1]}
 
 
-def _keys(topology, saving: bool) -> dict[str, tuple[str, bool]]:
+def _keys(topology, *, saving: bool) -> dict[str, tuple[str, bool]]:
     """Each part of a rank's state (its dense and expert weights, the optimizer's parts: see
     parallel/optimizer.py) -> (its key, whether this rank writes it)."""
     dense = f"pp{topology.pp_rank}.tp{topology.tp_rank}"
     expert = f"pp{topology.pp_rank}.ep{topology.coords['ep']}.etp{topology.coords['etp']}"
     dense_writer = topology.coords["dp_cp"] == 0 or not saving
     expert_writer = topology.coords["edp"] == 0 or not saving
-    return {"model": (f"model.{dense}", dense_writer), "model_experts": (f"experts.{expert}", expert_writer),
+    return {"weights": (f"model.{dense}", dense_writer), "expert_weights": (f"experts.{expert}", expert_writer),
             "dense": (f"optim.{dense}", dense_writer), "experts": (f"optim_experts.{expert}", expert_writer),
             "own": (f"optim.{dense}.dpcp{topology.coords['dp_cp']}", True)}
 
@@ -209,10 +209,9 @@ def load(path: str, *, model: torch.nn.Module, optimizer, topology) -> dict:
         rng = torch.load(rng_path, weights_only=False)
     except (CheckpointException, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({_reason(err)})") from err
-    keys = _keys(topology, saving=False)
-    model.load_state_dict({k: v for part in ("model", "model_experts") if keys[part][0] in state
-                           for k, v in state[keys[part][0]].items()})
-    optimizer.load_state_parts({part: state[key] for part, (key, _) in keys.items() if key in state})
+    parts = {part: state[key] for part, (key, _) in _keys(topology, saving=False).items() if key in state}
+    model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
+    optimizer.load_state_parts(parts)
     _set_rng_state(rng)
     return meta
 

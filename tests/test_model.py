@@ -187,7 +187,7 @@ def test_placement_pieces_split_along_the_partition_dimension():
 
     assert torch.equal(torch.cat([piece(0, r, 2) for r in range(2)]), full)
     assert torch.equal(torch.cat([piece(1, r, 3) for r in range(3)], dim=1), full)
-    assert torch.equal(piece(0, 1, 1), full)  # a group of one rank: the whole tensor
+    assert torch.equal(piece(0, 0, 1), full)  # a group of one rank: the whole tensor
 
 
 # ---------------------------------------------------------------- GPAS

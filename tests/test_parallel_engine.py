@@ -56,7 +56,7 @@ def state_after_steps(rank, world, cfg, steps=3):
     names = {p: n for n, p in trainer.model.named_parameters()}
     moments = {}
     if trainer.cfg.optimizer.distributed:
-        starts = {p: a for p, (a, _) in trainer.grads.range_of.items()}
+        starts = {p: a for _, p, a, _ in trainer.grads.layout.places()}
         for p, master, _ in trainer.optimizer.pieces:
             offset = master.storage_offset() - starts[p]  # masters are views of the flat weight buffer
             moments.setdefault(names[p], []).append((offset, trainer.optimizer.inner.state[master]["exp_avg"].clone()))

@@ -41,17 +41,40 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
             else:
                 all_gather_into(reduced[bucket.start:bucket.end], grads.shard_view(bucket), grads.group_of(bucket))
     out, topology = {}, trainer.topology
+    ranges = {p: (a, b) for _, p, a, b in grads.layout.places()}
     for name, p in trainer.model.named_parameters():
-        a, b = grads.range_of[p]
+        a, b = ranges[p]
         g = reduced[a:b].view_as(p).clone()
         for piece in placement_of(p).splits:  # this rank's piece, split over TP (experts: over ETP and EP)
-            g = all_gather_dim(g, piece.dim, topology.groups[piece.group])
+            if piece.size > 1:
+                g = all_gather_dim(g, piece.dim, topology.groups[piece.group])
         out[name] = g
     return out
 
 
+def count_in_flight(trainer: Trainer) -> list[int]:
+    """[now, most]: micro-batch chunks whose forward has run and whose backward has not, counted as the pipeline
+    runner calls them (what it keeps alive), not read from the schedule's plan."""
+    live = [0, 0]
+    forward, before_backward = trainer.stage_forward, trainer.grads.start_micro_batch
+
+    def counted_forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            live[0] += 1
+            live[1] = max(live)
+        return forward(*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):
+        live[0] -= 1
+        return before_backward(*args, **kwargs)
+
+    trainer.stage_forward, trainer.grads.start_micro_batch = counted_forward, counted_backward
+    return live
+
+
 def run_layout(rank: int, world: int, cfg):
     trainer = Trainer(cfg, world, rank)
+    in_flight = count_in_flight(trainer)
     first_loss = trainer.forward_backward()
     grads = full_gradients(trainer)
     moe = {k: v for feature in trainer.features for k, v in feature.metrics().items()}
@@ -60,8 +83,7 @@ def run_layout(rank: int, world: int, cfg):
                                           dp_rank=trainer.topology.dp_rank, dp_size=trainer.topology.dp)  # sample 0
     for _ in range(STEPS):
         losses.append(trainer.train_step()[0])
-    in_flight = trainer.schedule.most_in_flight(trainer.topology.pp_rank)
-    return {"first_loss": first_loss, "grads": grads, "losses": losses[1:], "in_flight": in_flight,
+    return {"first_loss": first_loss, "grads": grads, "losses": losses[1:], "in_flight": in_flight[1],
             "moe_aux_loss": moe.get("moe_aux_loss"), "moe_load_imbalance": moe.get("moe_load_imbalance"),
             "moe_dropped_fraction": moe.get("moe_dropped_fraction")}
 

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from data.indexed import check_indexed_dataset, open_indexed_dataset
+from data.indexed import DatasetError, check_indexed_dataset, open_indexed_dataset
 from data.tokenizers import TOOL_FLAGS, build_tokenizer
 
 from pretrain.cli import USER_ERRORS, print_error
@@ -57,7 +57,7 @@ def describe(prefix: str, tokenizer, show: int) -> str:
             first, last = dataset.document_indices[doc], dataset.document_indices[doc + 1]
             ids = np.concatenate([dataset[i] for i in range(first, last)]) if last > first else []
             if len(ids) and int(np.max(ids)) >= tokenizer.vocab_size:
-                raise ValueError(f"document {doc} has id {int(np.max(ids))}, beyond the tokenizer's "
+                raise DatasetError(f"document {doc} has id {int(np.max(ids))}, beyond the tokenizer's "
                                  f"{tokenizer.vocab_size} ids: the dataset was made with another tokenizer")
             text = tokenizer.decode(ids)
             more = f"... ({len(text) - SHOW_CHARS} more characters)" if len(text) > SHOW_CHARS else ""
