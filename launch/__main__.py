@@ -118,7 +118,9 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
            + (f" (experts: over EDP = {sizes.edp})" if m.moe.num_experts else "")
            if sharded else "not sharded (optimizer.distributed off)"),
         f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
-        "tokens, no recomputation" + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else ""),
+        f"tokens, recomputation {m.recompute}"
+        + (f" of {m.recompute_layers} layer(s) per stage" if m.recompute == "full" and m.recompute_layers else "")
+        + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else ""),
     ]
     for c in counts:
         dense = state_bytes(c.total - c.expert, WEIGHT_BYTES, shards)

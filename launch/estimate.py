@@ -90,11 +90,12 @@ def activation_bytes(
     m: ModelConfig, micro_batch: int, vocab_size: int, *, tp: int = 1, cp: int = 1,
     sequence_parallel: bool = False, element_bytes: int = 2,
 ) -> float:
-    """Bytes of the activations one micro-batch keeps for the backward pass on one rank (no recomputation).
+    """Bytes of the activations one micro-batch keeps for the backward pass on one rank.
 
     The method of Korthikanti et al. 2022 (Megatron's s*b*h*(34 + 5*a*s/h) per layer), applied to this
     model: no dropout, grouped-query attention, SwiGLU or GELU, and flash attention, which keeps no
-    s x s score matrix. Each rank holds s = seq_length / CP tokens of b sequences. Per layer, in elements:
+    s x s score matrix. Each rank holds s = seq_length / CP tokens of b sequences. Per layer without
+    recomputation (`model.recompute: none`), in elements:
 
     replicated over TP (split over TP with sequence parallelism, counting as Megatron-LM does that a
     column-parallel linear keeps its sequence shard and gathers it again for the backward pass):
@@ -105,6 +106,17 @@ def activation_bytes(
         s*b*h        attention output, the input of the output projection
         4*s*b*f      SwiGLU: gate, up, silu(gate) and their product (GELU: 2*s*b*f, its input and output)
 
+    `selective` keeps the layer's input (s*b*h, replicated as above) and the outputs of its matrix
+    multiplies and of attention, and recomputes the rest:
+        s*b*(h + 2*g*d) / TP   the query/key/value projection (local keys and values: the gathered ones
+                               are recomputed)
+        s*b*h / TP             attention output
+        2*s*b*h                the two row-parallel outputs, before their reduction over TP
+        2*s*b*f / TP           SwiGLU's gate and up projections (GELU: s*b*f)
+
+    `full` keeps only the input of each recomputed layer (the first `recompute_layers` of the stage, or
+    all), and while one of them is recomputed in backward its whole activations exist once more.
+
     After the last layer: the final norm's input and output (2*s*b*h, like the first row) and the
     logits (s*b*vocab, split over TP). Everything at `element_bytes` (2 for bf16, 4 for fp32).
     """
@@ -112,10 +124,19 @@ def activation_bytes(
     h, f, g = m.hidden_size, m.ffn_size, m.query_groups
     d = h // m.num_attention_heads
     replicated_divisor = tp if sequence_parallel else 1
-    mlp = (4 if m.activation == "swiglu" else 2) * s * b * f
-    layer = 4 * s * b * h / replicated_divisor + (s * b * h + 2 * S * b * g * d + s * b * h + mlp) / tp
+    swiglu = m.activation == "swiglu"
+    layer_input = s * b * h / replicated_divisor
+    mlp = (4 if swiglu else 2) * s * b * f
+    layer = 4 * layer_input + (s * b * h + 2 * S * b * g * d + s * b * h + mlp) / tp
+    if m.recompute == "selective":
+        layer = layer_input + (s * b * (h + 2 * g * d) + s * b * h + (2 if swiglu else 1) * s * b * f) / tp \
+            + 2 * s * b * h
     output = 2 * s * b * h / replicated_divisor + s * b * vocab_size / tp
-    return float(element_bytes * (m.num_layers * layer + output))
+    layers = m.num_layers * layer
+    if m.recompute == "full":
+        recomputed = min(m.recompute_layers or m.num_layers, m.num_layers)
+        layers = recomputed * layer_input + (m.num_layers - recomputed) * layer + layer  # + one being recomputed
+    return float(element_bytes * (layers + output))
 
 
 def human_bytes(n: float) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -107,6 +108,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     scaled_init: bool = True  # output projections of each layer use init_std / sqrt(2 * num_layers)
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (pretrain/model/recompute.py)
+    recompute_layers: Optional[int] = None  # with full: recompute the first this many layers of each stage; null: all
     gpas: GPASConfig = field(default_factory=GPASConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -154,6 +157,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
     stop_at_step: Optional[int] = None  # save and exit after this step (the schedule still plans for iters)
     time_limit_minutes: Optional[float] = None  # save and exit once this run has trained this long
+    compile: bool = False  # torch.compile each decoder layer (collectives may stay outside the compiled code)
 
 
 @dataclass
@@ -334,12 +338,29 @@ class Config:
         if t.stop_at_step is not None and t.stop_at_step > t.iters:
             e.add(f"train.stop_at_step={t.stop_at_step} is beyond train.iters={t.iters}: the run ends at train.iters")
         self._validate_moe(e)
+        self._validate_recompute_and_compile(e)
         if s.decay != "constant" and s.min_lr > self.optimizer.lr:
             e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")
         if s.warmup_iters > t.iters:
             e.add(f"scheduler.warmup_iters={s.warmup_iters} exceeds train.iters={t.iters}: shorten the warmup")
         self._validate_data(e)
         self._validate_layout(e, world_size)
+
+    def _validate_recompute_and_compile(self, e: "_Errors") -> None:
+        m = self.model
+        if m.recompute_layers is not None:
+            e.positive("model.recompute_layers", m.recompute_layers)
+            if m.recompute != "full":
+                e.add(f"model.recompute_layers={m.recompute_layers} counts the layers of model.recompute=full; "
+                      f"set model.recompute=full, or remove it (model.recompute={m.recompute})")
+        if m.recompute != "none" and m.moe.num_experts and m.moe.router.load_balancing == "global_aux_loss":
+            e.add(f"model.recompute={m.recompute} with model.moe.router.load_balancing=global_aux_loss: the global "
+                  "loss depends on the micro-batches routed so far, which a recomputed layer would see changed; "
+                  "use aux_loss or seq_aux_loss, or model.recompute=none")
+        if self.train.compile:
+            problem = compile_problem(self.run.device)
+            if problem:
+                e.add(f"train.compile=true: {problem}; or set train.compile=false")
 
     def _validate_moe(self, e: "_Errors") -> None:
         m, p = self.model, self.parallel
@@ -425,10 +446,15 @@ class Config:
             e.add(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1: interleaving splits "
                   "each pipeline stage into chunks; remove it or use more stages")
         try:
-            pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, first=p.first_stage_layers,
-                            last=p.last_stage_layers)
+            chunks = pipeline_chunks(m.num_layers, p.pipeline, p.virtual_pipeline or 1, first=p.first_stage_layers,
+                                     last=p.last_stage_layers)
         except TopologyError as err:
             e.add(str(err))
+        else:
+            fewest = min(sum(len(r) for r in stage) for stage in chunks)
+            if m.recompute_layers is not None and m.recompute_layers > fewest:
+                e.add(f"model.recompute_layers={m.recompute_layers} is more than the {fewest} layer(s) of the "
+                      f"smallest pipeline stage: choose at most {fewest}, or null for all")
         tp, cp = p.tensor, p.context
         if m.num_attention_heads % tp:
             e.add(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={tp}: "
@@ -516,6 +542,16 @@ def _check_weights(e: "_Errors", name: str, weights: list[float]) -> None:
         e.add(f"{name}: weights must be zero or positive, got {weights}")
     elif not weights or sum(weights) == 0:
         e.add(f"{name}: all weights are zero; give at least one source a positive weight")
+
+
+def compile_problem(device: str) -> Optional[str]:
+    """Why torch.compile cannot run here, or None. On the CPU, inductor compiles C++ and needs a compiler."""
+    if not hasattr(torch, "compile"):
+        return f"this torch ({torch.__version__}) has no torch.compile"
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "inductor needs a C++ compiler on the CPU and none is on PATH (install g++)"
+    return None
 
 
 def parse_split(split: str) -> tuple[float, float]:

@@ -41,6 +41,8 @@ class Metrics:
         self.window_steps, self.window_time = 0, 0.0  # steps timed in this process, for throughput
         self.train_time = 0.0
         self.steps_timed = 0
+        self.compile_seconds: Optional[float] = None  # the first step of a compiled run, compilation included
+        self.unreported_compile_seconds: Optional[float] = None
         self.first_loss: Optional[float] = None
         self.last_loss: Optional[float] = None
         self.last_val_loss: Optional[float] = None
@@ -58,26 +60,33 @@ class Metrics:
 
                 self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
 
-    def record_step(self, loss: float, seconds: float) -> None:
-        """Every step: its loss and the wall time it took."""
+    def record_step(self, loss: float, seconds: float, *, compiling: bool = False) -> None:
+        """Every step: its loss and the wall time it took. The time of a step that compiled (`compiling`: the first
+        of a run with train.compile) is reported once as `compile_seconds`, not counted in throughput."""
         self.window_losses.append(loss)
-        self.window_steps += 1
-        self.window_time += seconds
-        self.train_time += seconds
-        self.steps_timed += 1
         self.tokens += self.tokens_per_step
         if self.first_loss is None:
             self.first_loss = loss
         self.last_loss = loss
+        if compiling:
+            self.compile_seconds = self.unreported_compile_seconds = seconds
+            return
+        self.window_steps += 1
+        self.window_time += seconds
+        self.train_time += seconds
+        self.steps_timed += 1
 
     def log(self, step: int, values: dict) -> None:
         """Write one record for `step` with the window's mean loss and throughput, plus `values`."""
         if not self.window_losses:
             return
         loss = sum(self.window_losses) / len(self.window_losses)
-        tokens_per_sec = self.tokens_per_step * self.window_steps / max(self.window_time, 1e-9)
+        record = {"step": step, "loss": loss, **values}
+        if self.window_steps:  # none when the window held only the compiling step
+            record["tokens_per_sec"] = self.tokens_per_step * self.window_steps / max(self.window_time, 1e-9)
+        if self.unreported_compile_seconds is not None:
+            record["compile_seconds"], self.unreported_compile_seconds = self.unreported_compile_seconds, None
         self.window_losses, self.window_steps, self.window_time = [], 0, 0.0
-        record = {"step": step, "loss": loss, **values, "tokens_per_sec": tokens_per_sec}
         if "val_loss" in values:
             self.last_val_loss = values["val_loss"]
         if not self.enabled:
@@ -104,9 +113,12 @@ class Metrics:
         eta = per_step * (self.total_steps - step)
         line = (
             f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | lr {record['lr']:.3e} "
-            f"| grad norm {record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | elapsed {_duration(elapsed)} "
-            f"| eta {_duration(eta)}"
+            f"| grad norm {record['grad_norm']:.3f} | "
+            + (f"{record['tokens_per_sec']:,.0f} tok/s" if "tokens_per_sec" in record else "compiling")
+            + f" | elapsed {_duration(elapsed)} | eta {_duration(eta)}"
         )
+        if "compile_seconds" in record:
+            line += f" | first step with compilation {record['compile_seconds']:.1f} s"
         if values.get("phase", "all") != "all":  # a one-phase run's phase says nothing
             line += f" | phase {values['phase']}"
         if len(values.get("tokens_by_source", {})) > 1:

@@ -133,6 +133,9 @@ class Trainer:
         self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size),
                               dtype=torch.float32, device=self.device)
         self.model.init_parameters(cfg.run.seed)
+        if cfg.train.compile:
+            for layer in self.model.layers.values():
+                layer.compile()  # in place: the parameters keep their names (and their placements)
         self.features = self.model.features()
         self.grads = build_gradients(self.model, cfg, topology, device=self.device)
         self.optimizer = build_optimizer(self.grads, cfg, device=self.device)
@@ -358,7 +361,9 @@ class Trainer:
             while self.step < last_step:
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step()
-                self.metrics.record_step(loss, time.perf_counter() - start)
+                # the first step of a compiled run compiles: its time is reported apart from the step times
+                compiling = cfg.train.compile and self.metrics.compile_seconds is None
+                self.metrics.record_step(loss, time.perf_counter() - start, compiling=compiling)
                 step = self.step
                 evaluating = bool(self.data.validation) and cfg.eval.interval and step % cfg.eval.interval == 0
                 validation = self.evaluate() if evaluating else None

@@ -120,6 +120,21 @@ def test_activation_bytes_by_hand():
     assert activation_bytes(dataclasses.replace(m, activation="gelu"), 1, 16, element_bytes=1) == 608 - 128
 
 
+def test_activation_bytes_with_recomputation_by_hand():
+    """The same one-layer model as above (s=4, b=1, h=8, d=4, g=1, f=16, vocab 16; output terms 64 + 64)."""
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
+                    seq_length=4)
+    # selective: input 32, q/k/v projection 4*(8+2*4)=64, attention output 32, two row-parallel outputs 64,
+    # gate and up 2*4*16=128
+    assert activation_bytes(dataclasses.replace(m, recompute="selective"), 1, 16, element_bytes=1) == 320 + 128
+    # full, every layer: each layer's input (32) plus one whole layer (480) while it is recomputed
+    four = dataclasses.replace(m, num_layers=4, recompute="full")
+    assert activation_bytes(four, 1, 16, element_bytes=1) == 4 * 32 + 480 + 128
+    # full, 1 of 4: three plain layers, one input, one layer recomputed at a time
+    one = dataclasses.replace(four, recompute_layers=1)
+    assert activation_bytes(one, 1, 16, element_bytes=1) == 3 * 480 + 32 + 480 + 128
+
+
 def test_human_bytes():
     assert [human_bytes(n) for n in (512, 1536, 3 * 2**20, 2.5 * 2**30)] == ["512 B", "1.5 KiB", "3.0 MiB", "2.5 GiB"]
 

@@ -27,6 +27,7 @@ from parallel.tensor_parallel import (
 )
 from parallel.topology import Topology
 from pretrain.config import ModelConfig, ceil_to
+from pretrain.model import recompute
 from pretrain.model.features import ModelFeature
 from pretrain.model.gpas import GPASFeature, GPASGate
 from pretrain.model.moe import MoE, MoEFeature
@@ -106,8 +107,11 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, topology: Topology, number: int):
+    """`recompute`: the activation recomputation of this layer ("none", "selective", "full": see recompute.py)."""
+
+    def __init__(self, cfg: ModelConfig, topology: Topology, number: int, *, recompute: str = "none"):
         super().__init__()
+        self.recompute = recompute
         self.attn_norm = Norm(cfg, topology)
         self.attention = Attention(cfg, topology)
         self.mlp_norm = Norm(cfg, topology)
@@ -119,6 +123,9 @@ class TransformerLayer(nn.Module):
         self.gpas = GPASGate(sequence_parallel=topology.sequence_parallel) if cfg.gpas.enabled else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return recompute.run(self.recompute, self, self._forward, x, cos, sin, positions)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), cos, sin, positions)
         if self.gpas is not None:
             x = self.gpas(x)
@@ -136,12 +143,16 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, topology: Topology, *, stage: Stage | None = None):
         super().__init__()
         self.cfg, self.topology, self.vocab_size = cfg, topology, vocab_size
+        if stage is None and topology.pp > 1:
+            raise ValueError("a model on a pipeline of several stages needs its stage (parallel.pipeline.Stage.of)")
         self.stage = stage = stage or Stage.whole(cfg.num_layers, tie_embeddings=cfg.tie_embeddings)
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.embedding = (VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology)
                           if stage.holds_embedding else None)
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology, i)
-                                     for layers in stage.chunks for i in layers})
+        numbers = [i for layers in stage.chunks for i in layers]
+        recomputed = numbers[:cfg.recompute_layers] if cfg.recompute == "full" and cfg.recompute_layers else numbers
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, topology, i, recompute=cfg.recompute
+                                                              if i in recomputed else "none") for i in numbers})
         self.final_norm = Norm(cfg, topology) if stage.last else None
         self.output = None
         if stage.last and not cfg.tie_embeddings:

@@ -68,6 +68,7 @@ class Router(nn.Module):
         self.use_bias = cfg.router.expert_bias_update_rate > 0
         if self.use_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.recomputing = False  # set by pretrain/model/recompute.py while this layer is recomputed in backward
         self.begin_step(loss_scale=1.0)
 
     def begin_step(self, *, loss_scale: float) -> None:
@@ -89,20 +90,23 @@ class Router(nn.Module):
     def _route(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight.float())
         training = self.training and torch.is_grad_enabled()
+        record = training and not self.recomputing  # a recomputed forward (model.recompute) counts nothing twice
         router = self.cfg.router
         if training and router.z_loss_coeff > 0:
             z = torch.logsumexp(logits, dim=-1).square().mean() * router.z_loss_coeff / group_size(self.sequence_group)
             logits = AuxLossScaler.apply(logits, z, self.loss_scale)
-            self.stats["z"] += z.detach() / router.z_loss_coeff
+            if record:
+                self.stats["z"] += z.detach() / router.z_loss_coeff
         probs, routing_map = self.top_k_routing(logits)
         if training and router.load_balancing != "none" and router.aux_loss_coeff > 0:
             aux = self.load_balancing_loss(logits, batch)
             probs = AuxLossScaler.apply(probs, aux, self.loss_scale)
-            self.stats["aux"] += aux.detach() / router.aux_loss_coeff
+            if record:
+                self.stats["aux"] += aux.detach() / router.aux_loss_coeff
         chosen = routing_map
         if self.cfg.capacity_factor is not None:
             probs, routing_map = self.apply_capacity(probs, routing_map)
-        if training:
+        if record:
             self.stats["tokens"] += (routing_map & chosen).sum(0)
             self.stats["routed"] += chosen.sum()
             self.stats["kept"] += (routing_map & chosen).sum()
