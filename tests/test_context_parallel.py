@@ -166,3 +166,52 @@ def test_one_rank_is_one_causal_call():
     q, k, v, grad = inputs(heads=4, groups=2, seq=16, dtype=torch.float32)
     out = cpa.attention(q, k, v, positions=torch.arange(16)[None], cp_group=None, enable_gqa=True)
     torch.testing.assert_close(out, reference(q, k, v, grad)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", [cpa.CudaFlash, cpa.CudaEfficient])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_cuda_kernel_calls_are_well_formed_on_meta_tensors(kernel, dtype):
+    """Without a GPU: the CUDA kernels' forward and backward take these arguments and give these shapes (their
+    meta functions check the schema and shapes, not the numbers). 20 queries a chunk: the memory-efficient
+    kernel pads its log-sum-exp to 32."""
+    meta = dict(device="meta", dtype=dtype, requires_grad=True)
+    q, k, v = torch.empty(2, 8, 40, 64, **meta), torch.empty(2, 2, 80, 64, **meta), torch.empty(2, 2, 80, 64, **meta)
+    for rank in range(2):
+        out = blockwise_attention(q, k, v, cp_rank=rank, cp=2, kernel=kernel())
+        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
+        assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backends", ["flash+efficient", "efficient"])
+@pytest.mark.parametrize("heads, groups", [(8, 8), (8, 2)], ids=["MHA", "GQA"])
+def test_cuda_stays_on_the_fused_kernels(backends, heads, groups):
+    """bf16 on CUDA with the math kernel switched off: a masked or math call would raise "No available kernel"
+    or show up as matmuls and a softmax. Only flash: grouped-query keys go in unrepeated; only memory-efficient:
+    repeated. Both against bf16 SDPA on the whole sequence, relative to the fp64 attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enabled = {"flash+efficient": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+               "efficient": [SDPBackend.EFFICIENT_ATTENTION]}[backends]
+    expected = "flash" if backends.startswith("flash") else "efficient"
+    q, k, v, grad = inputs(heads=heads, groups=groups, seq=1024, dtype=torch.float64, device="cuda")
+    exact = reference(q, k, v, grad)
+    low = [t.bfloat16() for t in (q, k, v, grad)]
+    sdpa = reference(*low)  # one bf16 call on the whole sequence, on the kernel SDPA picks
+    with sdpa_kernel(enabled):
+        kernel = fused_kernel(low[0][:, :, :512], low[1])
+        assert kernel is not None and expected in type(kernel).__name__.lower()
+        with KernelCalls() as calls:
+            got = context_parallel(*low, cp=2)
+    assert MATH.isdisjoint(calls.names), MATH & set(calls.names)
+    assert any(name.startswith(f"_scaled_dot_product_{expected}_attention") for name in calls.names)
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), got, sdpa, exact):
+        assert relative_error(a, e) < 2 * relative_error(b, e) + 1e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_runs_the_memory_efficient_kernel_exactly():
+    q, k, v, grad = inputs(heads=8, groups=2, seq=256, dtype=torch.float32, device="cuda")
+    assert isinstance(fused_kernel(q[:, :, :128], k), cpa.CudaEfficient)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), context_parallel(q, k, v, grad, cp=2), reference(q, k, v, grad)):
+        assert relative_error(a, b) < 1e-5, name
