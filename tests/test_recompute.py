@@ -62,9 +62,10 @@ def test_recomputation_is_bitwise_on_one_rank(tmp_path, tiny_corpus, model):
 @pytest.mark.parametrize("world, layout", [
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     (2, ["parallel.pipeline=2"]),
+    (2, ["parallel.context=2"]),
     (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=4", "parallel.expert_tensor=1",
          *MOE]),
-], ids=["TP2 SP", "PP2", "MoE TP2 SP x DP2, EP4"])
+], ids=["TP2 SP", "PP2", "CP2", "MoE TP2 SP x DP2, EP4"])
 def test_recomputation_is_bitwise_on_parallel_layouts(tmp_path, tiny_corpus, world, layout):
     cfg = layout_config(tmp_path, tiny_corpus, *layout)
     assert_policies_agree(run_ranks(world, gradients_by_policy, cfg))
