@@ -21,6 +21,7 @@ from parallel.tensor_parallel import (
     enter_tensor_parallel, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy,
 )
 from parallel.topology import Sizes, Topology
+from pretrain.config_loading import load_config
 
 BATCH, SEQ, HIDDEN, VOCAB = 3, 70, 32, 128  # 210 tokens
 CHUNKS = [64, 70, 100, 1000, None]  # 100 does not divide 210; 1000 and None: one chunk
@@ -180,3 +181,8 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_tokens():
     assert small_held <= 12 * 256 and large_held <= 12 * 4096
     unfused, unfused_held = loss_memory(4096, chunk="unfused")
     assert unfused >= 3 * 4 * 4096 * vocab and unfused_held >= 4 * 4096 * vocab  # what the fused path avoids
+
+
+def test_loss_chunk_tokens_may_be_null():
+    """null: one chunk (0 and negative values are refused, naming the field: tests/test_config.py)."""
+    assert load_config(None, ["model.loss_chunk_tokens=null"]).validate().model.loss_chunk_tokens is None
