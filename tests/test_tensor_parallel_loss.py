@@ -22,6 +22,7 @@ from parallel.tensor_parallel import (
 )
 from parallel.topology import Sizes, Topology
 from pretrain.config_loading import load_config
+from pretrain.model import GPT
 
 BATCH, SEQ, HIDDEN, VOCAB = 3, 70, 32, 128  # 210 tokens
 CHUNKS = [64, 70, 100, 1000, None]  # 100 does not divide 210; 1000 and None: one chunk
@@ -181,6 +182,31 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_tokens():
     assert small_held <= 12 * 256 and large_held <= 12 * 4096
     unfused, unfused_held = loss_memory(4096, chunk="unfused")
     assert unfused >= 3 * 4 * 4096 * vocab and unfused_held >= 4 * 4096 * vocab  # what the fused path avoids
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_loss_with_labels_is_the_loss_of_its_logits(tied):
+    """GPT.forward with labels (the fused output layer and loss, 5 tokens a chunk: 32 tokens do not divide)
+    against the cross-entropy of its logits: same per-token losses, same gradient of every parameter."""
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+                             "model.seq_length=16", "model.loss_chunk_tokens=5",
+                             f"model.tie_embeddings={str(tied).lower()}"]).model
+    model = GPT(cfg, 64, Topology.single())
+    model.init_parameters(0)
+    generator = torch.Generator().manual_seed(2)
+    ids, labels = torch.randint(0, 64, (2, 2, 16), generator=generator)
+    fused = model(ids, labels=labels)
+    assert fused.shape == labels.shape and fused.dtype == torch.float32
+    fused.mean().backward()
+    fused_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids)
+    assert logits.shape == (2, 16, 64)
+    unfused = vocab_parallel_cross_entropy(logits, labels, Topology.single())
+    unfused.mean().backward()
+    assert worst(fused.detach(), unfused.detach()) <= TOLERANCE
+    for name, p in model.named_parameters():
+        assert worst(fused_grads[name], p.grad) <= 1e-5, name  # through the layers: a few 1e-7 observed
 
 
 def test_loss_chunk_tokens_may_be_null():
