@@ -145,6 +145,115 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, top
     return _VocabParallelCrossEntropy.apply(logits, labels, topology.tp_group)
 
 
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """The output layer and the vocabulary-parallel cross-entropy in one, a chunk of tokens at a time.
+
+    Unfused, the logits [tokens, vocab / TP] exist in the matmul's dtype and then as fp32 tensors (the logits,
+    shifted, exponentiated: three at once, the last one saved for backward as the softmax): at 16k tokens and a
+    128k vocabulary, 4 GB in bf16 and 8 GB each in fp32 on one rank. Here each chunk's logits live only while that
+    chunk is reduced; backward keeps the per-token maximum and sum of exponentials (8 bytes a token) and
+    recomputes each chunk's logits: one more output-layer matmul, bought for the memory.
+    Per chunk the arithmetic is today's, operation for operation: the global maximum (all-reduced over TP), the
+    shifted target logit and the sum of exponentials (all-reduced together), softmax - onehot times the incoming
+    gradient; only the sum of grad_weight over the chunks is taken in another order (in fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, group, chunk, compute):
+        # hidden [tokens, hidden] (replicated over TP), weight [vocab / TP, hidden], labels [tokens];
+        # compute: the dtype of the matmuls, as autocast would pick it for F.linear
+        tokens, local_vocab = labels.shape[0], weight.shape[0]
+        start = group_rank(group) * local_vocab
+        parallel = group_size(group) > 1
+        w = weight.to(compute)
+        maximum = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        sum_exp = torch.empty_like(maximum)
+        losses = torch.empty_like(maximum)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, tokens, chunk):
+                b = min(a + chunk, tokens)
+                logits = F.linear(hidden[a:b].to(compute), w).float()  # [n, vocab / TP]: the only big tensor
+                top = logits.max(dim=-1).values
+                if parallel:
+                    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+                shifted = logits.sub_(top.unsqueeze(-1))
+                local_labels, outside = _local_labels(labels[a:b], start, local_vocab)
+                target = shifted.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+                both = torch.stack([target, shifted.exp_().sum(dim=-1)])  # [2, n]
+                if parallel:
+                    torch.distributed.all_reduce(both, group=group)
+                maximum[a:b], sum_exp[a:b] = top, both[1]
+                losses[a:b] = both[1].log() - both[0]
+                del logits, shifted  # before the next chunk's logits: one chunk alive at a time, not two
+        ctx.save_for_backward(hidden, weight, labels, maximum, sum_exp)
+        ctx.group, ctx.chunk, ctx.compute = group, chunk, compute
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad):
+        # grad [tokens]: d(objective) / d(per-token loss)
+        hidden, weight, labels, maximum, sum_exp = ctx.saved_tensors
+        tokens, local_vocab = labels.shape[0], weight.shape[0]
+        start, chunk, compute = group_rank(ctx.group) * local_vocab, ctx.chunk, ctx.compute
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        w = weight.to(compute)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        accumulate = torch.promote_types(torch.float32, compute)  # of grad_weight over the chunks
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if want_weight else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, tokens, chunk):
+                b = min(a + chunk, tokens)
+                h = hidden[a:b].to(compute)  # [n, hidden]
+                softmax = F.linear(h, w).float().sub_(maximum[a:b].unsqueeze(-1)).exp_()
+                softmax.div_(sum_exp[a:b].unsqueeze(-1))  # [n, vocab / TP]
+                local_labels, outside = _local_labels(labels[a:b], start, local_vocab)
+                hit = (~outside).to(softmax.dtype)
+                softmax.scatter_add_(-1, local_labels.unsqueeze(-1), -hit.unsqueeze(-1))
+                grad_logits = softmax.mul_(grad[a:b].unsqueeze(-1)).to(compute)  # [n, vocab / TP]
+                del softmax  # the fp32 one, when the matmuls run in bf16
+                if want_hidden:
+                    grad_hidden[a:b] = grad_logits @ w  # this rank's part: summed over TP by enter_tensor_parallel
+                if want_weight:
+                    if compute == accumulate:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    else:  # a [vocab / TP, hidden] product in the compute dtype, rounded as F.linear's would be
+                        grad_weight += grad_logits.t() @ h
+                del grad_logits  # before the next chunk's logits
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _local_labels(labels: torch.Tensor, start: int, local_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels as indices into this rank's vocabulary slice (0 where outside it), and where they are outside."""
+    outside = (labels < start) | (labels >= start + local_vocab)
+    return (labels - start).masked_fill(outside, 0), outside
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(hidden, weight) would compute in here: autocast's, where it is on and casts these."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                        topology: Topology, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Per-token loss [...] (fp32) of the logits F.linear(hidden, weight) [..., vocab / TP] against labels [...],
+    the same as `vocab_parallel_cross_entropy(F.linear(hidden, weight), labels, topology)` (under autocast too)
+    but computed `chunk_tokens` tokens at a time (None or 0: all at once), so that no tensor of
+    [tokens, vocab / TP] outlives one chunk, in forward or backward.
+
+    `hidden` [..., hidden] is the output of `enter_tensor_parallel` (replicated over TP, gathered along the
+    sequence under SP), `weight` [vocab / TP, hidden] this rank's slice of the output layer or tied embedding."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
+    flat_labels = labels.reshape(-1)
+    chunk = max(1, min(chunk_tokens or flat_labels.shape[0], flat_labels.shape[0]))
+    losses = _VocabParallelLinearCrossEntropy.apply(flat_hidden, weight, flat_labels, topology.tp_group, chunk,
+                                                    _matmul_dtype(hidden, weight))
+    return losses.view(labels.shape)
+
+
 def init_normal_(param: nn.Parameter, std: float, generator: torch.Generator) -> None:
     """Fill `param` with this rank's piece of a global N(0, std) tensor drawn from `generator`."""
     placement = placement_of(param)

@@ -106,6 +106,8 @@ class ModelConfig:
     activation: Literal["swiglu", "gelu"] = "swiglu"
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    # tokens per chunk of the output layer fused with the loss (peak memory ~ chunk x vocab / TP); null: one chunk
+    loss_chunk_tokens: Optional[int] = 8192
     init_std: float = 0.02
     scaled_init: bool = True  # output projections of each layer use init_std / sqrt(2 * num_layers)
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (pretrain/model/recompute.py)
@@ -274,7 +276,7 @@ class Config:
                   "set run.dir for a path")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_multiple"):
             e.positive(f"model.{name}", getattr(m, name))
-        for name in ("num_query_groups", "ffn_hidden_size", "vocab_size"):
+        for name in ("num_query_groups", "ffn_hidden_size", "vocab_size", "loss_chunk_tokens"):
             if getattr(m, name) is not None:
                 e.positive(f"model.{name}", getattr(m, name))
         e.positive("model.norm_eps", m.norm_eps)

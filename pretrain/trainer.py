@@ -189,9 +189,11 @@ class Trainer:
         ids, labels = tokens[:, :-1], tokens[:, 1:]
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         ids, labels, positions = (split_sequence(x, tp.cp_rank, tp.cp) for x in (ids, labels, positions))
-        with self.autocast():
-            output = self.model(ids if self.stage.starts_model(chunk) else received, positions, chunk)
-        return next_token_loss(output, labels, tp) if self.stage.ends_model(chunk) else output
+        last = self.stage.ends_model(chunk)
+        with self.autocast():  # the last chunk returns per-token losses: the logits are never held at once
+            output = self.model(ids if self.stage.starts_model(chunk) else received, positions, chunk,
+                                labels=labels if last else None)
+        return next_token_loss(output) if last else output
 
     def stage_mean(self, total: torch.Tensor) -> float:
         """A loss summed on the last stage, averaged over DP x CP and sent to every stage."""

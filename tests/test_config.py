@@ -77,6 +77,7 @@ def test_name_and_type_errors(override, message):
         (["model.init_std=.inf"], "model.init_std=inf"),
         (["model.gpas.gate_grad_clip=0.01"], "model.gpas.enabled=false"),
         (["train.stop_at_step=400"], "beyond train.iters=300"),
+        (["model.loss_chunk_tokens=0"], "model.loss_chunk_tokens=0: must be a positive number"),
     ],
 )
 def test_value_errors_name_the_field(overrides, message):

@@ -73,8 +73,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_co
     trainer = Trainer(cfg)
     original = trainer.model.forward
 
-    def poisoned(ids, positions=None, chunk=0):
-        out = original(ids, positions, chunk)
+    def poisoned(ids, positions=None, chunk=0, labels=None):
+        out = original(ids, positions, chunk, labels=labels)  # with labels: the per-token losses
         return out * float("nan") if trainer.step >= 4 else out
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)

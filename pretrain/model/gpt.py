@@ -24,6 +24,7 @@ from parallel.pipeline import Stage
 from parallel.placement import placement_of, replicated
 from parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tensor_parallel, init_normal_,
+    vocab_parallel_linear_cross_entropy,
 )
 from parallel.topology import Topology
 from pretrain.config import ModelConfig, ceil_to
@@ -169,10 +170,14 @@ class GPT(nn.Module):
             modules += [self.final_norm, self.output if self.output is not None else self.embedding]
         return list(dict.fromkeys(p for m in modules for p in m.parameters()))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, chunk: int = 0,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Runs one chunk of this stage. The first chunk of the first stage takes token ids [batch, seq],
-        the others the previous chunk's hidden states. The last chunk of the last stage returns logits
-        [batch, seq, vocab / TP] (this rank's vocabulary slice), the others hidden states.
+        the others the previous chunk's hidden states. The last chunk of the last stage returns, given
+        `labels` [batch, seq], the per-token losses [batch, seq] (fp32) of the output layer fused with the
+        cross-entropy, `model.loss_chunk_tokens` tokens at a time, so that training never holds the logits;
+        without labels, logits [batch, seq, vocab / TP] (this rank's vocabulary slice). The other chunks
+        return hidden states.
 
         `positions` [batch, seq]: the global positions of the tokens (context parallelism holds
         chunks of each sequence); by default 0..seq-1 (first stage only)."""
@@ -185,10 +190,12 @@ class GPT(nn.Module):
             x = self.layers[str(i)](x, cos, sin, positions)
         if not self.stage.ends_model(chunk):
             return x
-        x = self.final_norm(x)
-        if self.output is not None:
-            return self.output(x)
-        return F.linear(enter_tensor_parallel(x, self.topology), self.embedding.weight)
+        x = enter_tensor_parallel(self.final_norm(x), self.topology)  # [batch, seq, hidden], also under SP
+        weight = self.output.weight if self.output is not None else self.embedding.weight  # [vocab / TP, hidden]
+        if labels is not None:
+            return vocab_parallel_linear_cross_entropy(x, weight, labels, topology=self.topology,
+                                                       chunk_tokens=self.cfg.loss_chunk_tokens)
+        return self.output(x, entered=True) if self.output is not None else F.linear(x, weight)
 
     def features(self) -> list[ModelFeature]:
         """The model features the training loop drives (see pretrain/model/features.py), on every stage of a

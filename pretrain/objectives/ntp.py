@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from parallel.tensor_parallel import vocab_parallel_cross_entropy
-from parallel.topology import Topology
 
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, topology: Topology) -> torch.Tensor:
-    """logits [batch, seq, vocab / TP] (this rank's vocabulary slice), labels [batch, seq] -> mean loss over
-    this rank's tokens, in fp32. Full-vocabulary logits are never gathered."""
-    return vocab_parallel_cross_entropy(logits, labels, topology).mean()
+def next_token_loss(token_losses: torch.Tensor) -> torch.Tensor:
+    """The per-token losses [batch, seq] (fp32) that the model returns given the labels (its output layer fused
+    with the vocabulary-parallel cross-entropy, so that the logits are never held) -> their mean over this rank's
+    tokens. Full-vocabulary logits are never gathered."""
+    return token_losses.mean()
