@@ -117,8 +117,10 @@ def activation_bytes(
     `full` keeps only the input of each recomputed layer (the first `recompute_layers` of the stage, or
     all), and while one of them is recomputed in backward its whole activations exist once more.
 
-    After the last layer: the final norm's input and output (2*s*b*h, like the first row) and the
-    logits (s*b*vocab, split over TP). Everything at `element_bytes` (2 for bf16, 4 for fp32).
+    After the last layer: the final norm's input and output (2*s*b*h, like the first row) and one
+    chunk of logits (min(model.loss_chunk_tokens, s*b) * vocab, split over TP): the output layer and the
+    loss run fused, chunk by chunk, and keep no logits for backward. Everything at `element_bytes`
+    (2 for bf16, 4 for fp32).
     """
     s, b, S = m.seq_length // cp, micro_batch, m.seq_length
     h, f, g = m.hidden_size, m.ffn_size, m.query_groups
@@ -131,7 +133,7 @@ def activation_bytes(
     if m.recompute == "selective":
         layer = layer_input + (s * b * (h + 2 * g * d) + s * b * h + (2 if swiglu else 1) * s * b * f) / tp \
             + 2 * s * b * h
-    output = 2 * s * b * h / replicated_divisor + s * b * vocab_size / tp
+    output = 2 * s * b * h / replicated_divisor + min(m.loss_chunk_tokens or s * b, s * b) * vocab_size / tp
     layers = m.num_layers * layer
     if m.recompute == "full":
         recomputed = min(m.recompute_layers or m.num_layers, m.num_layers)

@@ -118,6 +118,8 @@ def test_activation_bytes_by_hand():
     assert activation_bytes(m2, 1, 16, tp=2, element_bytes=1) == 192 + split / 2
     assert activation_bytes(m2, 1, 16, tp=2, sequence_parallel=True, element_bytes=1) == (192 + split) / 2
     assert activation_bytes(dataclasses.replace(m, activation="gelu"), 1, 16, element_bytes=1) == 608 - 128
+    # the fused loss keeps one chunk of logits: 2 tokens x 16 instead of 4 x 16
+    assert activation_bytes(dataclasses.replace(m, loss_chunk_tokens=2), 1, 16, element_bytes=1) == 608 - 32
 
 
 def test_activation_bytes_with_recomputation_by_hand():
