@@ -222,6 +222,7 @@ class EvalConfig:
 class LoggingConfig:
     interval: int = 10
     tensorboard: bool = True
+    peak_tflops: Optional[float] = None  # the device's peak for MFU; null: from the table for H100/H200/A100
 
 
 @dataclass
@@ -282,6 +283,8 @@ class Config:
         e.positive("model.norm_eps", m.norm_eps)
         e.positive("model.rope_theta", m.rope_theta)
         e.positive("model.init_std", m.init_std)
+        if self.logging.peak_tflops is not None:
+            e.positive("logging.peak_tflops", self.logging.peak_tflops)
         if m.gpas.gate_grad_clip is not None:
             e.positive("model.gpas.gate_grad_clip", m.gpas.gate_grad_clip)
         p = self.parallel

@@ -3,6 +3,13 @@
 Only the main rank writes. Losses on a logged line are the mean over the steps since
 the previous logged line; throughput counts training steps only (not evaluation or
 checkpoint time).
+
+Model FLOPs utilisation (MFU) counts the model's FLOPs, not the hardware's: per token,
+6 x the parameters of every matrix multiply (forward 2, backward 4; with MoE the active
+experts only: top-k of them plus the shared one) + 12 x layers x hidden x sequence for
+attention's two matmuls over the whole sequence (not halved for causality, as in
+Megatron-LM and nanoGPT); recomputation is not counted (it is hardware work, not model
+work). Divided by the device's peak dense TFLOP/s for the run's dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +19,42 @@ import math
 import os
 import time
 from typing import Optional
+
+
+# Dense peak TFLOP/s per GPU (tensor cores, no sparsity), by a substring of torch.cuda.get_device_name().
+# bf16; fp32 training is measured against TF32 (torch.backends.cuda.matmul.allow_tf32) or plain fp32.
+PEAK_TFLOPS = {
+    "bf16": [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)],
+    "fp32": [("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 66.9), ("A100", 19.5)],
+}
+
+
+def model_flops_per_token(m, vocab_size: int) -> float:
+    """Training FLOPs per token of the model config `m` (see the module docstring)."""
+    h, f, layers = m.hidden_size, m.ffn_size, m.num_layers
+    d = h // m.num_attention_heads
+    attention = h * (m.num_attention_heads + 2 * m.query_groups) * d + m.num_attention_heads * d * h
+    mlp = (3 if m.activation == "swiglu" else 2) * h
+    moe_layers = sum(m.moe.is_moe_layer(i) for i in range(layers)) if m.moe.num_experts else 0
+    active = 0.0
+    if moe_layers:
+        expert = mlp * (m.moe.ffn_hidden_size or f)
+        active = m.moe.top_k * expert + mlp * (m.moe.shared_expert_ffn_hidden_size or 0) + h * m.moe.num_experts
+    matmuls = layers * attention + (layers - moe_layers) * mlp * f + moe_layers * active + vocab_size * h
+    return 6.0 * matmuls + 12.0 * layers * h * m.seq_length
+
+
+def peak_tflops(device, dtype: str, override: Optional[float]) -> Optional[float]:
+    """The peak TFLOP/s of one device for `dtype` ("bf16"/"fp32"): `override` (logging.peak_tflops), else the table
+    for a known GPU; None where unknown (the CPU), and then no MFU is reported."""
+    if override:
+        return override
+    if getattr(device, "type", device) != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.get(dtype, []) if key in name), None)
 
 
 def _duration(seconds: float) -> str:
@@ -31,11 +74,16 @@ def _count(n: float) -> str:
 class Metrics:
     def __init__(
         self, run_dir: str, *, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True,
-        resume_step: Optional[int] = None, loss_window: Optional[list[float]] = None,
+        resume_step: Optional[int] = None, loss_window: Optional[list[float]] = None, devices: int = 1,
+        flops_per_token: Optional[float] = None, peak_tflops: Optional[float] = None, device=None,
     ):
         """`resume_step`: continuing a run, whose records up to that step are kept (later ones, from a run that
-        went on past its last checkpoint, are dropped); `loss_window`: the losses of its unfinished logging window."""
+        went on past its last checkpoint, are dropped); `loss_window`: the losses of its unfinished logging window.
+        `devices` (the world size), `flops_per_token` and `peak_tflops` give the per-device throughput and MFU;
+        on a CUDA `device`, this rank's peak memory since the previous record is reported too."""
         self.total_steps, self.tokens_per_step, self.enabled = total_steps, tokens_per_step, enabled
+        self.devices, self.flops_per_token, self.peak_tflops = devices, flops_per_token, peak_tflops
+        self.cuda = device if getattr(device, "type", None) == "cuda" else None
         self.start_time = time.perf_counter()
         self.window_losses: list[float] = list(loss_window or [])
         self.window_steps, self.window_time = 0, 0.0  # steps timed in this process, for throughput
@@ -83,7 +131,8 @@ class Metrics:
         loss = sum(self.window_losses) / len(self.window_losses)
         record = {"step": step, "loss": loss, **values}
         if self.window_steps:  # none when the window held only the compiling step
-            record["tokens_per_sec"] = self.tokens_per_step * self.window_steps / max(self.window_time, 1e-9)
+            record.update(self.throughput(self.tokens_per_step * self.window_steps / max(self.window_time, 1e-9)))
+        record.update(self.memory())
         if self.unreported_compile_seconds is not None:
             record["compile_seconds"], self.unreported_compile_seconds = self.unreported_compile_seconds, None
         self.window_losses, self.window_steps, self.window_time = [], 0, 0.0
@@ -117,6 +166,10 @@ class Metrics:
             + (f"{record['tokens_per_sec']:,.0f} tok/s" if "tokens_per_sec" in record else "compiling")
             + f" | elapsed {_duration(elapsed)} | eta {_duration(eta)}"
         )
+        if "mfu" in record:  # where the device's peak is known (metrics.jsonl has the TFLOP/s always)
+            line += f" | {record['tflops_per_device']:.1f} TFLOP/s/device MFU {record['mfu']:.1%}"
+        if "memory_allocated_gib" in record:
+            line += f" | mem {record['memory_allocated_gib']:.1f}/{record['memory_reserved_gib']:.1f} GiB"
         if "compile_seconds" in record:
             line += f" | first step with compilation {record['compile_seconds']:.1f} s"
         if values.get("phase", "all") != "all":  # a one-phase run's phase says nothing
@@ -131,6 +184,25 @@ class Metrics:
         if "gpas_scale" in values:
             line += " | gpas " + " ".join(f"{s:.3f}" for s in values["gpas_scale"].values())
         print(line, flush=True)
+
+    def throughput(self, tokens_per_sec: float) -> dict:
+        out = {"tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / self.devices}
+        if self.flops_per_token:
+            out["tflops_per_device"] = self.flops_per_token * out["tokens_per_sec_per_device"] / 1e12
+            if self.peak_tflops:
+                out["mfu"] = out["tflops_per_device"] / self.peak_tflops
+        return out
+
+    def memory(self) -> dict:
+        """Peak CUDA memory of this rank since the previous record, in GiB (nothing on the CPU)."""
+        if self.cuda is None:
+            return {}
+        import torch
+
+        out = {"memory_allocated_gib": torch.cuda.max_memory_allocated(self.cuda) / 2**30,
+               "memory_reserved_gib": torch.cuda.max_memory_reserved(self.cuda) / 2**30}
+        torch.cuda.reset_peak_memory_stats(self.cuda)
+        return out
 
     def summary(self) -> str:
         elapsed = time.perf_counter() - self.start_time

@@ -28,7 +28,7 @@ from parallel.topology import Topology
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, parse_split
-from pretrain.metrics import Metrics
+from pretrain.metrics import Metrics, model_flops_per_token, peak_tflops
 from pretrain.model import GPT, model_signature, padded_vocab_size
 from pretrain.objectives import next_token_loss
 from pretrain.schedule import learning_rate
@@ -155,7 +155,9 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
         self.metrics = Metrics(
             cfg.run.dir, total_steps=t.iters, tokens_per_step=self.tokens_per_step, tensorboard=cfg.logging.tensorboard,
-            enabled=self.is_main,
+            enabled=self.is_main, devices=topology.world_size, device=self.device,
+            flops_per_token=model_flops_per_token(cfg.model, vocab_size),
+            peak_tflops=peak_tflops(self.device, cfg.precision.dtype, cfg.logging.peak_tflops),
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
         )
 
