@@ -2,20 +2,22 @@
 
 Validates the config against the world size (no rank starts, no data is read) and prints
 the rank map of both parallel views, the parameters each rank holds and an estimate of
-its memory. An impossible layout ends with one line naming the fields and exit status 1.
+its memory (`--json PATH`: the memory estimate per rank as JSON, for tools). An impossible
+layout ends with one line naming the fields and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from parallel.errors import FoldtronError
 from pretrain.cli import USER_ERRORS, print_error
 
 USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
-         "(--world-size N | --nnodes A --nproc-per-node B)")
+         "(--world-size N | --nnodes A --nproc-per-node B) [--json PATH]")
 
 # precision.dtype=bf16 autocasts the matrix multiplies; the weights stay fp32 (see PrecisionConfig).
 WEIGHT_BYTES = 4
@@ -36,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int)
     parser.add_argument("--nnodes", type=int)
     parser.add_argument("--nproc-per-node", type=int)
+    parser.add_argument("--json")
     parser.add_argument("args", nargs="*")
     args = parser.parse_intermixed_args(argv)
     if not args.dry_run:
@@ -55,8 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def dry_run(path: str, overrides: list[str], world_size: int) -> str:
-    """The report for a valid layout; ConfigError or TopologyError for an impossible one."""
+def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | None = None) -> str:
+    """The report for a valid layout; ConfigError or TopologyError for an impossible one. `memory`, if given,
+    receives the estimate of each (stage, tp rank) as a dict of bytes (what --json writes)."""
     import torch
 
     from launch.estimate import activation_bytes, human_bytes, parameters_per_tp_rank, state_bytes
@@ -126,6 +130,9 @@ def dry_run(path: str, overrides: list[str], world_size: int) -> str:
         dense = state_bytes(c.total - c.expert, WEIGHT_BYTES, shards)
         experts = state_bytes(c.expert, WEIGHT_BYTES, sizes.edp if sharded else 1)
         parts = {**{k: dense[k] + experts[k] for k in dense}, "activations": activations(c.stage)}
+        if memory is not None:
+            memory.append({"stage": c.stage, "tp_rank": c.tp_rank, "parameters": c.total, **parts,
+                           "total": sum(parts.values())})
         terms = " + ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
         lines.append(f"  {_where(c, p.pipeline)}: {terms} = {human_bytes(sum(parts.values()))}")
     return "\n".join(lines)
@@ -144,8 +151,12 @@ def main(argv: list[str]) -> int:
     except UsageError as err:
         print(f"launch: error: {err}\n{USAGE}", file=sys.stderr)
         return 2
+    memory: list = []
     try:
-        print(dry_run(args.paths[0], args.overrides, args.world_size))
+        print(dry_run(args.paths[0], args.overrides, args.world_size, memory=memory))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"world_size": args.world_size, "memory_per_rank": memory}, f, indent=1)
     except USER_ERRORS as err:
         print_error("launch", err)
         return 1

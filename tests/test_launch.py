@@ -1,6 +1,7 @@
 """`python -m launch --dry-run`, its estimates, and the torchrun and Slurm scripts (with stand-in commands)."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -264,3 +265,21 @@ def test_dry_run_refuses_interleaving_with_too_few_micro_batches(capsys):
 def test_dry_run_refuses_layers_that_do_not_split_into_stages(capsys):
     code, _, err = dry_run(capsys, "parallel.pipeline=4", "model.num_layers=6", "--world-size", "8")
     assert code == 1 and "model.num_layers=6 is not divisible by parallel.pipeline=4" in err
+
+
+def test_dry_run_writes_the_memory_estimate_as_json(capsys, tmp_path):
+    """The numbers of the printed estimate, per (stage, tp rank), for tools such as tools.device_check."""
+    path = tmp_path / "estimate.json"
+    code, out, err = dry_run(capsys, "parallel.pipeline=2", "parallel.tensor=2", "--world-size", "4",
+                             "--json", str(path))
+    assert code == 0, err
+    with open(path) as f:
+        estimate = json.load(f)
+    ranks = estimate["memory_per_rank"]
+    assert estimate["world_size"] == 4 and [(r["stage"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0),
+                                                                                         (1, 1)]
+    for r in ranks:
+        parts = ("weights", "gradients", "optimizer", "activations")
+        assert r["total"] == sum(r[k] for k in parts) and r["weights"] == 4 * r["parameters"]
+        shown = f"stage {r['stage']} tp rank {r['tp_rank']}: weights {human_bytes(r['weights'])}"
+        assert shown in out and out.split(shown)[1].split("\n")[0].endswith(f"= {human_bytes(r['total'])}")
