@@ -1,0 +1,44 @@
+"""tools.device_check on the CPU: it writes its JSON and report, and the report table holds every benchmark row
+(the GPU run itself is what the tool is for; here it only checks its own plumbing)."""
+
+import json
+
+from tools import device_check
+
+
+def test_writes_the_environment_and_an_empty_report_without_a_gpu(tmp_path, capsys):
+    code = device_check.main([str(tmp_path), "--skip-tests", "--skip-bench"])
+    assert code == 0
+    results = json.loads((tmp_path / "device_check.json").read_text())
+    assert {"torch", "cuda_available", "transformers", "apex", "transformer_engine"} <= set(results["environment"])
+    assert (tmp_path / "report.txt").read_text().startswith("device check, ")
+    assert capsys.readouterr().out.startswith("device check, ")
+
+
+def test_unknown_preset_is_refused(tmp_path, capsys):
+    assert device_check.main([str(tmp_path), "--presets", "gpt3"]) == 2
+    assert "unknown preset(s) ['gpt3']" in capsys.readouterr().err
+
+
+def test_report_lists_foldtron_baseline_and_the_memory_estimate():
+    row = {"params": 124_000_000, "tokens_per_sec": 400_000.0, "tflops_per_device": 300.0, "mfu": 0.303,
+           "peak_memory_gib": 20.5, "data_wait_fraction": 0.001}
+    results = {
+        "environment": {"date": "2026-12-01", "device": "NVIDIA H200", "torch": "2.11", "cuda": "12.8",
+                        "transformers": "5.0", "apex": "unavailable"},
+        "tests": {"tail": ["12 passed"], "seconds": 60.0},
+        "benchmarks": [
+            {"name": "gpt2_small", "returncode": 0, "log": "bench_gpt2_small.log",
+             "bench": {"foldtron": row, "baseline": {**row, "tokens_per_sec": 300_000.0}, "baseline_note": None},
+             "estimate": {"memory_per_rank": [{"total": 19.0 * 2**30}]}},
+            {"name": "moe_1b", "returncode": 1, "log": "bench_moe_1b.log", "bench": None, "estimate": None},
+        ],
+    }
+    text = device_check.report(results)
+    assert "NVIDIA H200" in text and "CUDA tests: 12 passed (60.0 s)" in text
+    lines = text.splitlines()
+    foldtron = next(line for line in lines if line.startswith("gpt2_small") and "foldtron" in line)
+    assert "124M" in foldtron and "400,000" in foldtron and "30.3%" in foldtron and "20.5" in foldtron
+    assert "19.0" in foldtron and "0.10%" in foldtron
+    assert any(line.startswith("gpt2_small") and "baseline" in line and "300,000" in line for line in lines)
+    assert any(line.startswith("moe_1b") and "failed (1, see bench_moe_1b.log)" in line for line in lines)

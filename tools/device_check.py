@@ -1,0 +1,159 @@
+"""`python -m tools.device_check OUT_DIR`: everything that needs a GPU, in one command, sized for one H100/H200.
+
+1. The tests that need CUDA (their names contain "cuda"; skipped on the CPU): bf16 autocast, the grouped expert
+   matmul in bf16, the fused attention kernels under context parallelism, recomputation's memory, compilation,
+   the sync-free dense step, and gloo with CUDA tensors on two ranks of the one GPU.
+2. `tools.bench_train` on the GPU presets (examples/gpt2_small.yaml, llama_1b.yaml, moe_1b.yaml) against the Hugging
+   Face Llama baseline, compiled; the 1B preset again with `model.recompute=full` and a 4x larger micro-batch.
+3. The memory estimate of `python -m launch --dry-run` next to the measured peak of each benchmark.
+
+Writes OUT_DIR/device_check.json (every number) and OUT_DIR/report.txt (the tables), and prints the report. Each
+step runs in its own process with a time limit, so one failure or hang costs only its own part; the whole is sized
+to finish in under 8 minutes (`--steps`, `--presets` and `--skip-*` make it shorter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = ("gpt2_small", "llama_1b", "moe_1b")
+
+
+def run(command: list[str], *, timeout: float, log: Path) -> dict:
+    """Run `command` from the repository root; keep its output in `log`; return its status and time."""
+    start = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        code, output = result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as err:
+        code = "timeout"
+        output = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
+    log.write_text(output)
+    return {"command": " ".join(command), "returncode": code, "seconds": round(time.perf_counter() - start, 1),
+            "log": log.name, "tail": output.strip().splitlines()[-3:]}
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(), "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
+    for module in ("transformers", "apex", "transformer_engine"):
+        try:
+            info[module] = getattr(__import__(module), "__version__", "installed")
+        except Exception as err:  # noqa: BLE001 - transformer_engine raises RuntimeError without its CUDA core
+            info[module] = f"unavailable ({type(err).__name__})"
+    return info
+
+
+def benchmarks(presets: list[str], *, steps: int, out: Path) -> list[dict]:
+    """(name, config, overrides) of each benchmark: the presets compiled, and the 1B one with full recomputation
+    and a 4x larger micro-batch (what recomputation is for: fitting it)."""
+    runs = [(name, f"examples/{name}.yaml", ["train.compile=true"]) for name in presets]
+    if "llama_1b" in presets:
+        import yaml
+
+        with open(ROOT / "examples" / "llama_1b.yaml") as f:
+            micro = yaml.safe_load(f)["train"]["micro_batch_size"]
+        runs.append(("llama_1b_recompute", "examples/llama_1b.yaml",
+                     ["train.compile=true", "model.recompute=full", f"train.micro_batch_size={4 * micro}",
+                      f"train.global_batch_size={4 * micro}"]))
+    results = []
+    for name, config, overrides in runs:
+        bench_json, estimate_json = out / f"bench_{name}.json", out / f"estimate_{name}.json"
+        step = run([sys.executable, "-m", "tools.bench_train", config, *overrides, "--warmup", "3",
+                    "--steps", str(steps), "--json", str(bench_json)], timeout=240, log=out / f"bench_{name}.log")
+        run([sys.executable, "-m", "launch", "--dry-run", config, *overrides, "--world-size", "1",
+             "--json", str(estimate_json)], timeout=120, log=out / f"estimate_{name}.log")
+        step.update(name=name, bench=_load(bench_json), estimate=_load(estimate_json))
+        results.append(step)
+    return results
+
+
+def _load(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def report(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"device check, {env.get('date')}: {env.get('device', 'no CUDA device')}, torch {env['torch']} "
+             f"(CUDA {env['cuda']}), transformers {env['transformers']}, apex {env['apex']}", ""]
+    tests = results.get("tests")
+    if tests:
+        lines += [f"CUDA tests: {' | '.join(tests['tail'])} ({tests['seconds']} s)", ""]
+    rows = [("benchmark", "model", "params", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "estimate GiB", "data wait")]
+    for b in results.get("benchmarks", []):
+        bench, estimate = b["bench"] or {}, b["estimate"] or {}
+        guess = estimate.get("memory_per_rank", [{}])[0].get("total")
+        for who in ("foldtron", "baseline"):
+            row = bench.get(who)
+            if not row:
+                if who == "foldtron":
+                    rows.append((b["name"], who, "-", f"failed ({b['returncode']}, see {b['log']})", "", "", "", "",
+                                 ""))
+                continue
+            rows.append((b["name"], who, f"{row.get('params', 0) / 1e6:.0f}M", f"{row.get('tokens_per_sec', 0):,.0f}",
+                         _num(row.get("tflops_per_device"), "{:.1f}"), _num(row.get("mfu"), "{:.1%}"),
+                         _num(row.get("peak_memory_gib"), "{:.1f}"),
+                         _num(guess / 2**30 if guess and who == "foldtron" else None, "{:.1f}"),
+                         _num(row.get("data_wait_fraction"), "{:.2%}")))
+        if bench.get("baseline_note"):
+            rows.append((b["name"], f"baseline: {bench['baseline_note']}", "", "", "", "", "", "", ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.device_check", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="folder for device_check.json, report.txt and the logs")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated, from " + ", ".join(PRESETS))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per benchmark (after 3 warm-up)")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    presets = [p for p in args.presets.split(",") if p]
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown:
+        print(f"device_check: error: unknown preset(s) {unknown}: choose from {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    results = {"environment": environment()}
+    if not args.skip_tests:
+        results["tests"] = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests",
+                                "-k", "cuda"], timeout=240, log=out / "tests.log")
+    if not args.skip_bench:
+        results["benchmarks"] = benchmarks(presets, steps=args.steps, out=out)
+    (out / "device_check.json").write_text(json.dumps(results, indent=1))
+    text = report(results)
+    (out / "report.txt").write_text(text + "\n")
+    print(text)
+    failed = (results.get("tests", {}).get("returncode") not in (0, None)
+              or any(b["returncode"] != 0 for b in results.get("benchmarks", [])))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
