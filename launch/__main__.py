@@ -74,6 +74,7 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
 
     cfg = load_config(path, overrides).validate(world_size)
     m, p, sizes = cfg.model, cfg.parallel, cfg.sizes(world_size)
+    m = dataclasses.replace(m, norm_impl="torch")  # models that are only counted: apex's norms have torch's parameters
     vocab_size = m.vocab_size or padded_vocab_size(load_tokenizer(cfg).vocab_size, m.vocab_multiple)
     virtual = p.virtual_pipeline or 1
     chunks = pipeline_chunks(m.num_layers, p.pipeline, virtual, first=p.first_stage_layers, last=p.last_stage_layers)

@@ -103,6 +103,8 @@ class ModelConfig:
     vocab_multiple: int = 128
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
+    # auto: NVIDIA apex's fused norm where it can run (CUDA, apex with its extensions, on every rank), else torch
+    norm_impl: Literal["auto", "torch", "apex"] = "auto"
     activation: Literal["swiglu", "gelu"] = "swiglu"
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
@@ -169,7 +171,9 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    fused: Optional[bool] = None  # null: fused where the device supports it
+    fused: Optional[bool] = None  # null: fused where the device supports it (torch's AdamW)
+    # auto: NVIDIA apex's FusedAdam where it can run (as model.norm_impl) unless fused=false, else torch's AdamW
+    impl: Literal["auto", "torch", "apex"] = "auto"
     distributed: bool = False  # shard Adam states over the data x context-parallel ranks (ZeRO-1)
 
 
@@ -344,6 +348,7 @@ class Config:
             e.add(f"train.stop_at_step={t.stop_at_step} is beyond train.iters={t.iters}: the run ends at train.iters")
         self._validate_moe(e)
         self._validate_recompute_and_compile(e)
+        self._validate_kernels(e)
         if s.decay != "constant" and s.min_lr > self.optimizer.lr:
             e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")
         if s.warmup_iters > t.iters:
@@ -366,6 +371,14 @@ class Config:
             problem = compile_problem(self.run.device)
             if problem:
                 e.add(f"train.compile=true: {problem}; or set train.compile=false")
+
+    def _validate_kernels(self, e: "_Errors") -> None:
+        """Only what holds on any machine: whether apex can run on this one is the trainer's check, on the device
+        it got (`choose_kernels` in pretrain/trainer.py), so that `launch --dry-run` can plan a GPU run anywhere."""
+        o = self.optimizer
+        if o.impl == "apex" and o.fused is not None:
+            e.add(f"optimizer.fused={str(o.fused).lower()} is an option of torch's AdamW and optimizer.impl=apex "
+                  "runs apex's FusedAdam (always fused): remove optimizer.fused, or set optimizer.impl=torch")
 
     def _validate_moe(self, e: "_Errors") -> None:
         m, p = self.model, self.parallel

@@ -7,6 +7,7 @@ a checkpoint of another model) is checked in `Trainer.__init__`, before the firs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -18,6 +19,7 @@ from data.indexed import DatasetError
 from data.loader import DataLoader, eval_batches
 from data.sources import DataPlan, TrainingStreams, make_plan
 from data.tokenizers import TokenizerError, build_tokenizer
+from parallel import apex_backend
 from parallel.buckets import BucketLayout
 from parallel.context_parallel import split_sequence
 from parallel.data_parallel import GradReducer
@@ -48,13 +50,38 @@ def build_gradients(model: torch.nn.Module, cfg: Config, topology: Topology, *, 
     return GradReducer(layout, topology, device)
 
 
+def choose_kernels(cfg: Config, device: torch.device) -> tuple[Config, list[str]]:
+    """`cfg` with model.norm_impl and optimizer.impl resolved for `device` ("torch" or "apex"), and why `auto` kept
+    torch where it did. `auto` takes apex only where every rank can run it, so that all ranks compute alike; an
+    explicit `apex` that some rank cannot run is a ConfigError on every rank, before any heavy work."""
+    m, o = cfg.model, cfg.optimizer
+    norm = apex_backend.norm_problem(device) if m.norm_impl != "torch" else None
+    if o.impl == "auto" and o.fused is False:
+        adam = "optimizer.fused=false asks for torch's unfused AdamW"
+    else:
+        adam = apex_backend.adam_problem(device) if o.impl != "torch" else None
+    blocked = distributed.any_rank(norm is not None, adam is not None)  # on this rank or another
+    chosen, kept = [], []
+    for name, choice, problem, somewhere in (("model.norm_impl", m.norm_impl, norm, blocked[0]),
+                                             ("optimizer.impl", o.impl, adam, blocked[1])):
+        if choice == "apex" and somewhere:
+            raise ConfigError(f"{name}=apex: {problem or 'apex cannot run on every rank'}; use auto or torch")
+        if choice == "auto" and somewhere:
+            kept.append(problem or "apex cannot run on every rank")
+        chosen.append("torch" if choice == "torch" or somewhere else "apex")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, norm_impl=chosen[0]),
+                              optimizer=dataclasses.replace(o, impl=chosen[1]))
+    return cfg, list(dict.fromkeys(kept))
+
+
 def build_optimizer(grads: GradReducer, cfg: Config, *, device: torch.device):
-    """AdamW with weight decay on matrices only (not on norms, gates or biases), fused where supported; with
-    optimizer.distributed, its states sharded over the data groups, and the model's weights moved into one
-    flat buffer laid out like the gradients (`adopt_flat_storage`: the one place where that happens)."""
+    """AdamW with weight decay on matrices only (not on norms, gates or biases), fused where supported (torch's, or
+    apex's FusedAdam with optimizer.impl=apex, resolved by `choose_kernels`); with optimizer.distributed, its states
+    sharded over the data groups, and the model's weights moved into one flat buffer laid out like the gradients
+    (`adopt_flat_storage`: the one place where that happens)."""
     o = cfg.optimizer
     hyper = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay,
-             "fused": o.fused if o.fused is not None else device.type in ("cuda", "cpu")}
+             "fused": o.fused if o.fused is not None else device.type in ("cuda", "cpu"), "impl": o.impl}
     if o.distributed:
         return DistributedAdamW(grads, adopt_flat_storage(grads.layout, device), **hyper)
     return PlainAdamW(grads, **hyper)
@@ -93,6 +120,7 @@ class Trainer:
     def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
         cfg.validate(world_size)
         self.device = distributed.setup(cfg, world_size, rank)
+        cfg, self.kept_torch = choose_kernels(cfg, self.device)
         self.topology = topology = Topology.build(cfg.sizes(world_size), rank,
                                                   timeout=distributed.collective_timeout(cfg))
         self.is_main = rank == 0
@@ -335,6 +363,7 @@ class Trainer:
             + (", distributed optimizer" if self.cfg.optimizer.distributed else "")
             + (f"; experts ETP{self.topology.sizes.expert_tp} x EP{self.topology.sizes.ep} x "
                f"EDP{self.topology.sizes.edp}" if m.moe.num_experts else ""),
+            self.describe_kernels(),
         ]
         if self.topology.pp > 1:
             lines.append("pipeline: " + describe_chunks(self.chunks))
@@ -348,6 +377,16 @@ class Trainer:
                 "(raise train.iters to continue, or use a new run.dir to start over)"
             )
         return "\n".join(lines)
+
+    def describe_kernels(self) -> str:
+        """Which implementation computes the norms and the optimizer step, and why `auto` kept torch if it did."""
+        if self.cfg.optimizer.impl == "apex":
+            optimizer = "apex FusedAdam"
+        else:
+            fused = self.optimizer.param_groups[0].get("fused")
+            optimizer = "torch AdamW" + (" (fused)" if fused else " (not fused)")
+        return (f"kernels: norm {self.cfg.model.norm_impl}, optimizer {optimizer}"
+                + (f"; auto kept torch: {'; '.join(self.kept_torch)}" if self.kept_torch else ""))
 
     def run(self) -> dict:
         cfg = self.cfg

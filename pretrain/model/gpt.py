@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel import context_parallel
+from parallel import apex_backend, context_parallel
 from parallel.pipeline import Stage
 from parallel.placement import placement_of, replicated
 from parallel.tensor_parallel import (
@@ -36,7 +36,12 @@ from pretrain.model.moe import MoE, MoEFeature
 
 class Norm(nn.Module):
     """RMSNorm or LayerNorm over the hidden dimension. Under sequence parallelism its weights see only this rank's
-    tokens (their gradients are summed over TP)."""
+    tokens (their gradients are summed over TP).
+
+    `model.norm_impl` only picks the function that computes it: torch's (the reference) or NVIDIA apex's fused
+    kernel (parallel/apex_backend.py), with the same parameters, placements and dtypes, so that checkpoints and
+    layouts do not depend on it. The trainer resolves `auto` for its device before building the model; a model
+    built with `auto` elsewhere computes with torch."""
 
     def __init__(self, cfg: ModelConfig, topology: Topology):
         super().__init__()
@@ -45,8 +50,11 @@ class Norm(nn.Module):
         self.weight = replicated(nn.Parameter(torch.ones(size)), sequence_parallel=sp)
         self.bias = replicated(nn.Parameter(torch.zeros(size)), sequence_parallel=sp) if self.kind == "layernorm" \
             else None
+        self.apex_norm = apex_backend.norm_function(self.kind) if cfg.norm_impl == "apex" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apex_norm is not None:
+            return self.apex_norm(x, self.weight, self.bias, self.eps)
         if self.kind == "rmsnorm":
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
