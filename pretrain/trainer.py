@@ -257,7 +257,7 @@ class Trainer:
         instead of crashing the embedding kernel."""
         low = min(int(t.min()) for t in micro_batches)
         high = max(int(t.max()) for t in micro_batches)
-        (bad,) = distributed.any_rank(low < 0 or high >= self.vocab_size)
+        (bad,) = distributed.any_rank(low < 0 or high >= self.vocab_size, device=self.device)
         if bad:
             raise DatasetError(
                 f"the data holds token ids outside the model's "
@@ -375,7 +375,7 @@ class Trainer:
                     self.metrics.log(step, self.step_record(grad_norm, validation))
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                     self.save()
-                if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline)[0]:
+                if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline, device=self.device)[0]:
                     if self.is_main:
                         print(f"train.time_limit_minutes={t.time_limit_minutes} reached at step {step}", flush=True)
                     break

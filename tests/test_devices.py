@@ -1,0 +1,68 @@
+"""What runs on GPUs with NCCL, checked as far as the CPU can: that every helper gets its device and that
+the calls NCCL is picky about are well formed."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import tiny_config
+from pretrain import distributed
+
+
+# ---------------------------------------------------------------- on the CPU
+
+
+def test_any_rank_reduces_a_tensor_on_the_given_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: the flags must be put on the rank's device, not on the CPU by default.
+    A device the CPU build has no kernels for (meta) shows where the tensor was made; the fake collective
+    stops there, before the values would be read back."""
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Reduced
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        distributed.any_rank(True, False, device=torch.device("meta"))
+    assert seen == [torch.device("meta")]
+
+
+def test_the_trainer_gives_every_rank_wide_decision_its_device(tmp_path, tiny_corpus, monkeypatch):
+    """Both callers of any_rank (the token-range check of each step and evaluation, the time limit) pass the
+    trainer's device; with the test above, the all-reduce under NCCL then gets a tensor on the rank's GPU."""
+    from pretrain.trainer import train
+
+    devices = []
+    real = distributed.any_rank
+
+    def recording(*flags, device):
+        devices.append(device)
+        return real(*flags, device=device)
+
+    monkeypatch.setattr(distributed, "any_rank", recording)
+    cfg = tiny_config(tmp_path, tiny_corpus, "run.device=cpu", "train.iters=3", "train.time_limit_minutes=1e6")
+    train(cfg)
+    assert len(devices) == 3 + 1 + 3  # a range check per step and per evaluation, the time limit per step
+    assert set(devices) == {torch.device("cpu")}
+
+
+def test_nccl_binds_the_process_group_to_the_rank_s_device(tmp_path, tiny_corpus, monkeypatch):
+    """init_process_group(..., device_id=cuda:LOCAL_RANK) for NCCL (eager communicators, subgroups split from
+    the default group); no device_id for gloo. The call is recorded, not made: this machine has no NCCL."""
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(distributed, "resolve_device", lambda choice: torch.device("cuda", 3))
+    cfg = tiny_config(tmp_path, tiny_corpus, "parallel.backend=nccl")
+    assert distributed.setup(cfg, 8, 3) == torch.device("cuda", 3)
+    (args, kwargs), = calls
+    assert args == ("nccl",) and kwargs["device_id"] == torch.device("cuda", 3)
+    assert kwargs["rank"] == 3 and kwargs["world_size"] == 8
+    assert distributed.process_group_binding("gloo", torch.device("cuda", 3)) == {}
+    assert distributed.process_group_binding("gloo", torch.device("cpu")) == {}
