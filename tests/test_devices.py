@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_config
+from multirank import run_ranks
+from parallel.topology import Sizes, Topology
 from pretrain import distributed
 
 
@@ -66,3 +68,33 @@ def test_nccl_binds_the_process_group_to_the_rank_s_device(tmp_path, tiny_corpus
     assert kwargs["rank"] == 3 and kwargs["world_size"] == 8
     assert distributed.process_group_binding("gloo", torch.device("cuda", 3)) == {}
     assert distributed.process_group_binding("gloo", torch.device("cpu")) == {}
+
+
+def first_batched_exchange(rank, world):
+    """The peers of this rank's first batched send/receive on its pipeline group, and what it received."""
+    from parallel.pipeline import StageLink
+
+    topology = Topology.build(Sizes(world=world, pp=world), rank)
+    first = []
+    real = dist.batch_isend_irecv
+
+    def recording(ops):
+        if not first:
+            first.append(sorted((op.op.__name__, op.peer) for op in ops))
+        return real(ops)
+
+    dist.batch_isend_irecv = recording
+    try:
+        StageLink(topology, (1, 2, 3), dtype=torch.float32, device=torch.device("cpu"))
+    finally:
+        dist.batch_isend_irecv = real
+    return first[0]
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_the_pipeline_group_s_first_batched_exchange_involves_every_stage(stages):
+    """torch: a batch_isend_irecv that is the first call on its group must involve all its ranks. Creating the
+    StageLink is that first call, on every stage, each with its neighbours on the ring of stages."""
+    for rank, ops in enumerate(run_ranks(stages, first_batched_exchange)):
+        neighbours = sorted({(rank + 1) % stages, (rank - 1) % stages})
+        assert ops == sorted([("irecv", n) for n in neighbours] + [("isend", n) for n in neighbours])
