@@ -1,6 +1,8 @@
 """What runs on GPUs with NCCL, checked as far as the CPU can: that every helper gets its device and that
 the calls NCCL is picky about are well formed."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -98,3 +100,25 @@ def test_the_pipeline_group_s_first_batched_exchange_involves_every_stage(stages
     for rank, ops in enumerate(run_ranks(stages, first_batched_exchange)):
         neighbours = sorted({(rank + 1) % stages, (rank - 1) % stages})
         assert ops == sorted([("irecv", n) for n in neighbours] + [("isend", n) for n in neighbours])
+
+
+@pytest.mark.parametrize("overrides, preset, expected", [
+    (["parallel.tensor=2", "parallel.sequence_parallel=true"], None, "1"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true"], "8", "8"),  # the environment's choice is kept
+    (["parallel.tensor=2"], None, None),  # no sequence parallelism: left alone
+    (["parallel.sequence_parallel=true"], None, None),  # TP1: sequence parallelism has no effect
+])
+def test_sequence_parallelism_serializes_kernel_launches(monkeypatch, overrides, preset, expected):
+    """CUDA_DEVICE_MAX_CONNECTIONS is set before the trainer starts (CUDA reads it when its context is made)."""
+    import pretrain.__main__ as entry
+    import pretrain.trainer
+
+    seen = []
+    monkeypatch.setattr(pretrain.trainer, "train",
+                        lambda cfg, world_size, rank: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")))
+    if preset is None:
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", preset)
+    assert entry.main(overrides) == 0
+    assert seen == [expected]
