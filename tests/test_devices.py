@@ -1,6 +1,12 @@
-"""What runs on GPUs with NCCL, checked as far as the CPU can: that every helper gets its device and that
-the calls NCCL is picky about are well formed."""
+"""What runs on GPUs with NCCL, checked as far as a machine can: on the CPU, that every helper gets its device
+and that the calls NCCL is picky about are well formed; on one GPU (skipped without CUDA), that a training
+step issues no host sync it does not mean to, and that the CUDA code paths around the collectives run with
+NCCL at world size 1 and with gloo at world size 2 (two ranks on the one GPU: NCCL refuses to share it).
 
+The CUDA tests run their ranks in spawned processes, so that the test process never initialises CUDA (the
+CPU tests fork their ranks, which a process with CUDA initialised must not do)."""
+
+import datetime
 import os
 
 import pytest
@@ -11,6 +17,9 @@ from conftest import tiny_config
 from multirank import run_ranks
 from parallel.topology import Sizes, Topology
 from pretrain import distributed
+from pretrain.config_loading import load_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 # ---------------------------------------------------------------- on the CPU
@@ -122,3 +131,144 @@ def test_sequence_parallelism_serializes_kernel_launches(monkeypatch, overrides,
         monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", preset)
     assert entry.main(overrides) == 0
     assert seen == [expected]
+
+
+# ---------------------------------------------------------------- on one GPU
+
+
+def gpu_config(run_dir, corpus: str, *overrides: str):
+    return load_config(None, [
+        f"run.dir={run_dir}", "run.device=cuda", "model.num_layers=2", "model.hidden_size=64",
+        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64", "model.vocab_multiple=64",
+        "train.iters=4", "train.global_batch_size=8", "train.micro_batch_size=2", "optimizer.lr=1e-3",
+        "scheduler.warmup_iters=1",
+        f"data.sources={{tiny: {{prefixes: [{corpus}]}}}}", "eval.interval=2", "eval.iters=1",
+        "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=2", *overrides,
+    ])
+
+
+def synchronising_calls(rank, world, cfg):
+    """After a warm-up step: the gradients of a step under set_sync_debug_mode("error") (the loss stays on the
+    device: reading it is the step's intended sync); then clipping (which reads the norm), and the optimizer
+    step and the features' end of step under "warn", counting the warnings; and how many times the MoE
+    dispatchers waited for their counts on the host (an event wait, which the sync debug mode does not see)."""
+    import warnings
+
+    from parallel import transfers
+    from pretrain.model.moe import MoE
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, world, rank)
+    trainer.train_step()
+    waits = [0]
+    real_wait = transfers.HostCopy.wait
+
+    def counted(self):
+        waits[0] += 1
+        return real_wait(self)
+
+    transfers.HostCopy.wait = counted
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        loss = trainer.accumulate_gradients()
+        torch.cuda.set_sync_debug_mode("default")
+        trainer.clip_gradients()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            trainer.optimizer.step()
+            for feature in trainer.features:
+                feature.end_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        transfers.HostCopy.wait = real_wait
+    return {"loss": float(loss), "waits": waits[0], "optimizer_syncs": [str(w.message) for w in caught],
+            "moe_layers": sum(isinstance(layer.mlp, MoE) for layer in trainer.model.layers.values()),
+            "micro_batches": trainer.loader.micro_batches_per_step}
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_dense_step_issues_no_host_sync(tmp_path, tiny_corpus, precision):
+    cfg = gpu_config(tmp_path / "run", tiny_corpus, f"precision.dtype={precision}")
+    (result,) = run_ranks(1, synchronising_calls, cfg, start_method="spawn")
+    assert torch.isfinite(torch.tensor(result["loss"])) and result["waits"] == 0
+    assert result["optimizer_syncs"] == []
+
+
+@cuda
+@pytest.mark.parametrize("dispatcher, recompute", [("alltoall", "none"), ("allgather", "none"),
+                                                   ("alltoall", "full")])
+def test_a_moe_step_waits_for_its_counts_once_per_layer(tmp_path, tiny_corpus, dispatcher, recompute):
+    """2 MoE layers of 4 experts, all local (the reordering runs), bf16 (the grouped matmul runs): the only host
+    waits are the dispatchers' (one per layer and micro-batch, twice with recomputation), none that the sync
+    debug mode sees."""
+    cfg = gpu_config(tmp_path / "run", tiny_corpus, "precision.dtype=bf16", "model.moe.num_experts=4",
+                     f"model.moe.dispatcher={dispatcher}", f"model.recompute={recompute}",
+                     "model.moe.router.z_loss_coeff=1e-3")
+    (result,) = run_ranks(1, synchronising_calls, cfg, start_method="spawn")
+    assert result["moe_layers"] == 2
+    per_forward = result["moe_layers"] * result["micro_batches"]
+    assert result["waits"] == per_forward * (2 if recompute == "full" else 1)
+
+
+def nccl_world_of_one(rank, world, cfg):
+    """The process group as distributed.setup starts it for NCCL (bound to the device), then a run with
+    evaluation and checkpoints (DCP's object collectives over NCCL need the current device set) and a second
+    run, which resumes from the last checkpoint (DCP's load over NCCL) and finds nothing left to train."""
+    from pretrain.trainer import train
+
+    device = distributed.resolve_device("cuda")
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120),
+                            **distributed.process_group_binding("nccl", device))
+    bound = dist.distributed_c10d._get_default_group().bound_device_id
+    values = torch.ones(1, device=device)
+    dist.all_reduce(values)
+    gathered = [None]
+    dist.all_gather_object(gathered, {"layer": 1.0})
+    first, resumed = train(cfg), train(cfg)
+    return {"bound": str(bound), "sum": float(values), "gathered": gathered, "first": first, "resumed": resumed}
+
+
+@cuda
+def test_nccl_at_world_size_one_trains_and_checkpoints(tmp_path, tiny_corpus):
+    cfg = gpu_config(tmp_path / "run", tiny_corpus)
+    (result,) = run_ranks(1, nccl_world_of_one, cfg, start_method="spawn", backend=None)
+    assert result["bound"] == "cuda:0" and result["sum"] == 1.0 and result["gathered"] == [{"layer": 1.0}]
+    assert result["first"]["step"] == 4 and result["resumed"]["step"] == 4  # the second run resumes at the end
+
+
+def gloo_on_one_gpu(rank, world, cfg):
+    """Two gloo ranks on the one GPU: a data-parallel run (gloo reduces and broadcasts CUDA tensors; its other
+    collectives are CPU-only), recording the device of every tensor handed to a collective."""
+    from pretrain.trainer import Trainer
+
+    os.environ["LOCAL_RANK"] = "0"  # both ranks on cuda:0
+    devices = set()
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast")}
+
+    def recording(name):
+        def wrapped(tensor, *args, **kwargs):
+            devices.add(str(tensor.device))
+            return originals[name](tensor, *args, **kwargs)
+        return wrapped
+
+    for name in originals:
+        setattr(dist, name, recording(name))
+    try:
+        trainer = Trainer(cfg, world, rank)
+        losses = [trainer.train_step() for _ in range(3)]
+        trainer.evaluate()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return {"losses": losses, "devices": devices}
+
+
+@cuda
+def test_gloo_ranks_on_one_gpu_hand_collectives_cuda_tensors_only(tmp_path, tiny_corpus):
+    cfg = gpu_config(tmp_path / "run", tiny_corpus, "parallel.backend=gloo")
+    results = run_ranks(2, gloo_on_one_gpu, cfg, start_method="spawn")
+    assert results[0]["losses"] == results[1]["losses"]  # (loss, grad norm) decided together
+    assert all(r["devices"] == {"cuda:0"} for r in results)
