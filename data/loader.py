@@ -20,12 +20,15 @@ import torch
 class DataLoader:
     def __init__(
         self, stream: Sequence[np.ndarray], global_batch: int, micro_batch: int, *, dp_rank: int = 0,
-        dp_size: int = 1, consumed_samples: int = 0, prefetch: int = 0,
+        dp_size: int = 1, consumed_samples: int = 0, prefetch: int = 0, pin_memory: bool = False,
     ):
+        """`pin_memory` (for a CUDA device): the micro-batches are made in page-locked memory, so that the
+        trainer's `non_blocking` copy to the device is a true asynchronous DMA (a copy from pageable memory
+        is staged by the driver, which may wait for the stream)."""
         if global_batch % (micro_batch * dp_size):
             raise ValueError("the global batch must be a multiple of micro-batch x data-parallel size")
         self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank, self.dp_size, self.pin_memory = dp_rank, dp_size, pin_memory
         self.consumed_samples = consumed_samples
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -44,6 +47,8 @@ class DataLoader:
         if start + local > len(self.stream):
             raise IndexError(f"the data stream ends at sample {len(self.stream)}: the run asked for more")
         tokens = torch.from_numpy(np.stack([self.stream[i] for i in range(start, start + local)]).astype(np.int64))
+        if self.pin_memory:  # in the prefetch thread when there is one: off the training thread's path
+            tokens = tokens.pin_memory()
         return list(tokens.split(self.micro_batch))
 
     def _produce(self, consumed: int) -> None:

@@ -16,8 +16,17 @@ Combine runs the reverse: unsort, reduce-scatter-v over "etp" (which also sums t
 all-to-all-v over "ep" with the splits swapped, and a scatter-add of each token's expert outputs.
 
 All-gather dispatcher (a simple reference that moves far more data): all-gather over "tp-ep" of the token
-counts, then the tokens, the probabilities and the routing map; keep the local experts' pairs. Combine
-scatter-adds into the gathered tokens and reduce-scatters them over "tp-ep" back to their ranks.
+counts (with the per-expert counts), then the tokens, the probabilities and the routing map; keep the local
+experts' pairs. Combine scatter-adds into the gathered tokens and reduce-scatters them over "tp-ep" back to
+their ranks.
+
+Host syncs: the collectives take their split sizes as Python ints, so the count table of step 1 must reach
+the host. On a GPU that is the one device-to-host copy of a dispatch (non-blocking, into page-locked memory,
+`parallel/transfers.py`), started as soon as the table exists and waited for where the first size is used;
+the pairs are sorted on the device meanwhile, without `nonzero` (which reads its count back), and the index
+tensors built from the counts are made on the device. Combine and backward reuse the sizes: no copy. So a
+layer's forward waits for the device once (twice with full or selective recomputation, which dispatches
+again in backward), and only for the work queued before its counts, not for the rest of the layer.
 
 Backward runs the adjoint collectives (all-to-all with swapped splits, all-gather <-> reduce-scatter). Every
 rank of a group issues the same collectives in the same order, whatever its counts, zero included.
@@ -33,21 +42,33 @@ import torch
 
 from parallel.collectives import all_gather_rows, all_gather_v, all_to_all_v, group_size, reduce_scatter_v
 from parallel.topology import Topology
+from parallel.transfers import HostCopy
 
 
-def pairs_by_expert(routing_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert, token) indices of the routed pairs, expert-major and in token order within an expert
-    (their number depends on the data: on a GPU, a host sync)."""
-    return routing_map.T.nonzero(as_tuple=True)
+def routed_slots(routing_map: torch.Tensor) -> torch.Tensor:
+    """The flat expert-major slots (expert * T + token) of the routing map [T, E], routed pairs first, in slot
+    order (a stable sort of "not routed"): how many pairs there are is not needed, so there is no host sync
+    (`nonzero` would read the count back). The first `count` entries are the pairs (see `pairs_by_expert`)."""
+    return torch.argsort((~routing_map.T).flatten().to(torch.uint8), stable=True)
 
 
-def chunk_reorder(sizes: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def pairs_by_expert(slots: torch.Tensor, *, count: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert, token) indices of the `count` routed pairs of `routed_slots`, expert-major and in token order
+    within an expert, as `routing_map.T.nonzero(as_tuple=True)` gives them; `count` comes from the host."""
+    pairs = slots[:count]
+    return pairs // num_tokens, pairs % num_tokens
+
+
+def chunk_reorder(sizes: torch.Tensor, dims: tuple[int, ...], *, total: int) -> torch.Tensor:
     """Row index that takes rows stored as chunks of `sizes` (a grid of chunk lengths, chunks in row-major
-    order) to the chunk order of `sizes.permute(dims)`, each chunk's rows kept in order."""
+    order) to the chunk order of `sizes.permute(dims)`, each chunk's rows kept in order. `total`, the number
+    of rows (sizes.sum(), known on the host), makes it sync-free on a GPU, where `sizes` lives."""
     starts = (sizes.flatten().cumsum(0) - sizes.flatten()).view(sizes.shape).permute(dims).flatten()
     lengths = sizes.permute(dims).flatten()
-    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return torch.repeat_interleave(starts, lengths) + within
+    ends = lengths.cumsum(0)
+    within = torch.arange(total, device=sizes.device) - torch.repeat_interleave(ends - lengths, lengths,
+                                                                                output_size=total)
+    return torch.repeat_interleave(starts, lengths, output_size=total) + within
 
 
 class TokenDispatcher(ABC):
@@ -104,22 +125,29 @@ class AllToAllDispatcher(TokenDispatcher):
         # ep_members[e] + etp_members[t] - rank; `position[e, t]` is its place in the "tp-ep" group.
         self.position = torch.tensor([[members["tp-ep"].index(e + t - rank) for t in members["etp"]]
                                       for e in members["ep"]])
+        self._position_on: dict[torch.device, torch.Tensor] = {}  # `position` on the device, copied once
         self.plan: Optional[_AllToAllPlan] = None
 
     def dispatch(self, tokens, probs, routing_map):
+        """The split sizes are Python ints, so the count table must reach the host: on a GPU that is this
+        layer's one device-to-host copy (per direction: the backward reuses the plan), started as soon as
+        the table exists and waited for only where the first size is used, after the device work that needs
+        none (sorting the pairs) is queued. Nothing else here waits for the device."""
         self._check(tokens, probs, routing_map)
-        L = self.num_local_experts
+        L, local = self.num_local_experts, slice(self.first_expert, self.first_expert + self.num_local_experts)
         counts = all_gather_rows(routing_map.sum(0)[None], [1] * group_size(self.tp_ep_group), self.tp_ep_group)
-        # table[e, t, x]: tokens the rank at (EP e, ETP t) routes to expert x. On a GPU this .cpu() is a host
-        # sync, which the split sizes (Python ints) need anyway.
-        table = counts.cpu()[self.position]
-        mine = table[:, :, self.first_expert:self.first_expert + L]  # [EP, ETP, L]: pairs for my local experts
+        on_host = HostCopy(counts)
+        slots = routed_slots(routing_map)
+        # table[e, t, x]: tokens the rank at (EP e, ETP t) routes to expert x; mine [EP, ETP, L]: the pairs for
+        # my local experts (the host's copy for the split sizes, the device's for the reordering below)
+        table = on_host.wait()[self.position]
+        mine = table[:, :, local]
         input_splits = table[self.ep_rank, self.etp_rank].view(-1, L).sum(1).tolist()
         output_splits = mine[:, self.etp_rank].sum(1).tolist()
         etp_sizes = mine.sum((0, 2)).tolist()
         tokens_per_expert = mine.sum((0, 1)).tolist()
 
-        expert_idx, token_idx = pairs_by_expert(routing_map)
+        expert_idx, token_idx = pairs_by_expert(slots, count=sum(input_splits), num_tokens=tokens.shape[0])
         x, p = tokens[token_idx], probs[token_idx, expert_idx]
         x = all_to_all_v(x, output_splits, input_splits, self.ep_group)
         p = all_to_all_v(p, output_splits, input_splits, self.ep_group)
@@ -127,10 +155,17 @@ class AllToAllDispatcher(TokenDispatcher):
         p = all_gather_v(p, etp_sizes, self.etp_group)
         restore = None
         if L > 1:  # rows arrive as [ETP rank][EP rank][local expert]: make each expert's rows contiguous
-            order = chunk_reorder(mine.permute(1, 0, 2), (2, 0, 1)).to(x.device)
+            on_device = counts[self._position(counts.device)][:, :, local]
+            order = chunk_reorder(on_device.permute(1, 0, 2), (2, 0, 1), total=sum(etp_sizes))
             x, p, restore = x[order], p[order], order.argsort()
         self.plan = _AllToAllPlan(tokens.shape[0], token_idx, input_splits, output_splits, etp_sizes, restore)
         return x, tokens_per_expert, p
+
+    def _position(self, device: torch.device) -> torch.Tensor:
+        """`position` on `device`: a host-to-device copy at the first dispatch only."""
+        if device not in self._position_on:
+            self._position_on[device] = self.position.to(device)
+        return self._position_on[device]
 
     def combine(self, expert_output):
         plan = self.plan
@@ -156,16 +191,24 @@ class AllGatherDispatcher(TokenDispatcher):
         self.plan: Optional[_AllGatherPlan] = None
 
     def dispatch(self, tokens, probs, routing_map):
+        """One device-to-host copy per layer, as in the all-to-all path: each rank's token count and per-expert
+        counts are gathered in one table, from which both the sizes of the gathers and the tokens per local
+        expert follow (the latter equal the gathered routing map's column sums)."""
         self._check(tokens, probs, routing_map)
-        num_tokens = torch.tensor([tokens.shape[0]], device=tokens.device)
-        sizes = all_gather_rows(num_tokens, [1] * group_size(self.group), self.group).tolist()  # GPU: host sync
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        # [this rank's tokens, its tokens per expert]: filled on the device (torch.full), no host-to-device copy
+        counts = torch.cat([torch.full((1,), tokens.shape[0], dtype=torch.long, device=tokens.device),
+                            routing_map.sum(0)])
+        table = HostCopy(all_gather_rows(counts[None], [1] * group_size(self.group), self.group)).wait()
+        sizes = table[:, 0].tolist()
+        tokens_per_expert = table[:, 1:][:, local].sum(0).tolist()
         tokens = all_gather_v(tokens, sizes, self.group)
         probs = all_gather_v(probs, sizes, self.group)
         routing_map = all_gather_rows(routing_map.to(torch.uint8), sizes, self.group).bool()
-        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
-        expert_idx, token_idx = pairs_by_expert(routing_map[:, local])
+        slots = routed_slots(routing_map[:, local])
+        expert_idx, token_idx = pairs_by_expert(slots, count=sum(tokens_per_expert), num_tokens=sum(sizes))
         self.plan = _AllGatherPlan(sizes, token_idx)
-        return tokens[token_idx], routing_map[:, local].sum(0).tolist(), probs[:, local][token_idx, expert_idx]
+        return tokens[token_idx], tokens_per_expert, probs[:, local][token_idx, expert_idx]
 
     def combine(self, expert_output):
         plan = self.plan

@@ -223,12 +223,33 @@ class PipelineSchedule:
 
 
 class StageLink:
-    """Batched point-to-point exchanges with other stages of this rank's pipeline group."""
+    """Batched point-to-point exchanges with other stages of this rank's pipeline group.
+
+    Creating one is collective over the pipeline group: every stage exchanges a one-element tensor with its
+    neighbours on the ring of stages (the previous and the next, the last stage's next being the first),
+    so the group's first batched send/receive involves all of its ranks. torch requires that of a
+    `batch_isend_irecv` that is the first call on its group (with NCCL it creates the group's communicator;
+    a subset of the ranks would leave the behaviour undefined), and a schedule's first tick has only two
+    stages talking. With NCCL the communicator also exists already where the process group was bound to a
+    device (`pretrain.distributed.setup`); this exchange makes the rule hold either way, and sets up the
+    neighbours' connections before the first step is timed (torch.distributed.pipelining does the same)."""
 
     def __init__(self, topology, shape: tuple, *, dtype: torch.dtype, device: torch.device):
         self.ranks, self.stage = topology.members["pp"], topology.pp_rank
         self.group = topology.groups["pp"]
         self.shape, self.dtype, self.device = shape, dtype, device
+        if len(self.ranks) > 1:
+            self._connect()
+
+    def _connect(self) -> None:
+        stages = len(self.ranks)
+        neighbours = sorted({(self.stage + 1) % stages, (self.stage - 1) % stages})  # one stage with two stages
+        ops = [dist.P2POp(dist.isend, torch.zeros(1, device=self.device), self.ranks[s], group=self.group)
+               for s in neighbours]
+        ops += [dist.P2POp(dist.irecv, torch.empty(1, device=self.device), self.ranks[s], group=self.group)
+                for s in neighbours]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], sources: list[int]) -> list[torch.Tensor]:
         """Send each (tensor, stage) and receive one tensor from each stage in `sources`, all at once."""

@@ -9,6 +9,7 @@ every rank) by rank 0, a later one by the first rank that has it.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(path, overrides)
         debug = cfg.run.debug
+        serialize_kernel_launches(cfg)
         train(cfg, world_size, rank)
     except KeyboardInterrupt:
         print(f"{who}: interrupted", file=sys.stderr)
@@ -60,6 +62,21 @@ def main(argv: list[str]) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def serialize_kernel_launches(cfg) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 under sequence parallelism (tensor > 1), unless the environment sets it.
+
+    With one hardware queue per GPU, kernels start in the order the host issued them, whatever their stream: a
+    collective issued before a matmul starts before it and takes its share of the GPU, instead of waiting
+    behind it, so the communication that sequence parallelism and the gradient buckets run next to compute
+    really overlaps it (Megatron-LM asks for the same setting for sequence parallelism). CUDA reads the
+    variable when it creates its context, so it is set here, before the trainer first touches CUDA (the
+    launchers start `-m pretrain`: this covers torchrun and Slurm alike). Without sequence parallelism
+    several queues let independent streams run freely, and the variable is left alone."""
+    p = cfg.parallel
+    if p.sequence_parallel and p.tensor > 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
 def report(err: Exception, world_size: int, rank: int) -> None:

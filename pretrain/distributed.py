@@ -37,7 +37,16 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def setup(cfg: Config, world_size: int, rank: int) -> torch.device:
-    """The device of this rank; starts the process group when there is more than one rank."""
+    """The device of this rank; starts the process group when there is more than one rank.
+
+    The device is set (`torch.cuda.set_device`, in `resolve_device`) before the group starts, so that every
+    NCCL call of this process, `all_gather_object` and `barrier` included, runs on this rank's GPU. With NCCL
+    the group is bound to that GPU (`device_id`): torch then creates its communicator at once instead of at
+    the first collective, and the groups `Topology.build` creates later are split from it, also at once. The
+    first call on a group is then no longer the one that creates its communicator, which matters to the
+    pipeline: a batched send/receive that is the first call on its group must involve every rank of it
+    (torch's `batch_isend_irecv` docs), and the first tick of a schedule involves only two stages (StageLink
+    also makes its first exchange a ring over every stage, so that this holds without eager creation too)."""
     device = resolve_device(cfg.run.device)
     backend = cfg.parallel.backend
     if backend == "auto":
@@ -45,8 +54,15 @@ def setup(cfg: Config, world_size: int, rank: int) -> torch.device:
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("parallel.backend=nccl needs CUDA devices: use parallel.backend=gloo (or auto) on the CPU")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=collective_timeout(cfg))
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=collective_timeout(cfg),
+                                **process_group_binding(backend, device))
     return device
+
+
+def process_group_binding(backend: str, device: torch.device) -> dict:
+    """`init_process_group`'s device binding: `device_id` for NCCL (eager communicators, subgroups split from the
+    default one), nothing for gloo, which does not use it (torch documents both effects as NCCL-only)."""
+    return {"device_id": device} if backend == "nccl" else {}
 
 
 def started() -> bool:
@@ -91,13 +107,17 @@ def rank0_first(build: Callable[[], T]) -> T:
     return result
 
 
-def any_rank(*flags: bool) -> list[bool]:
-    """Each flag, true if it is true on any rank: decisions that every rank must take together."""
+def any_rank(*flags: bool, device: torch.device) -> list[bool]:
+    """Each flag, true if it is true on any rank: decisions that every rank must take together.
+
+    The flags travel in a tensor on this rank's `device`: NCCL reduces only CUDA tensors (a CPU tensor has no
+    backend in an NCCL process group). Reading the result back is a host sync on a GPU, once per call; the
+    tensor is filled on the device (`torch.full`), not copied from host memory, so that is the only one."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(flags)
-    values = torch.tensor([float(f) for f in flags])
+    values = torch.stack([torch.full((), float(f), device=device) for f in flags])
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values]
+    return [v > 0 for v in values.tolist()]
 
 
 def mean_over(value: torch.Tensor, group, size: int) -> torch.Tensor:

@@ -174,7 +174,7 @@ class Trainer:
 
         self.loader = DataLoader(
             self.data, t.global_batch_size, t.micro_batch_size, dp_rank=topology.dp_rank, dp_size=topology.dp,
-            consumed_samples=meta["consumed_samples"], prefetch=d.prefetch,
+            consumed_samples=meta["consumed_samples"], prefetch=d.prefetch, pin_memory=self.device.type == "cuda",
         )
         micro_batches, chunks = self.loader.micro_batches_per_step, len(self.chunks[0])
         self.schedule = PipelineSchedule(topology.pp, micro_batches, chunks)
@@ -225,16 +225,22 @@ class Trainer:
                                 labels=labels if last else None)
         return next_token_loss(output) if last else output
 
-    def stage_mean(self, total: torch.Tensor) -> float:
-        """A loss summed on the last stage, averaged over DP x CP and sent to every stage."""
+    def mean_over_stages(self, total: torch.Tensor) -> torch.Tensor:
+        """A loss summed on the last stage, averaged over DP x CP and sent to every stage, on this rank's device
+        (`total` is a zero there on the other stages): no host sync."""
         tp = self.topology
         value = distributed.mean_over(total, tp.dp_cp_group, tp.dp * tp.cp)
         if tp.pp > 1:
             torch.distributed.broadcast(value, src=tp.members["pp"][-1], group=tp.groups["pp"])
-        return float(value)
+        return value
+
+    def stage_mean(self, total: torch.Tensor) -> float:
+        """`mean_over_stages` read on the host: on a GPU the host waits here for the device to finish the step."""
+        return float(self.mean_over_stages(total))
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank."""
+        """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank. On a GPU
+        the host waits for the device where it reads these two (see accumulate_gradients for the rest)."""
         step = self.step + 1
         lr = learning_rate(step, self.cfg.train.iters, opt=self.cfg.optimizer, sched=self.cfg.scheduler)
         for group in self.optimizer.param_groups:
@@ -258,8 +264,16 @@ class Trainer:
         return loss_value, grad_norm
 
     def forward_backward(self) -> float:
-        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss.
-        The micro-batches run through the pipeline schedule (one stage: a plain accumulation loop)."""
+        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss,
+        read on the host: the step's one host sync for the loss, which the loop needs to stop on NaN and to log."""
+        return float(self.accumulate_gradients())
+
+    def accumulate_gradients(self) -> torch.Tensor:
+        """`forward_backward` without reading the loss: it stays on the device. The micro-batches run through the
+        pipeline schedule (one stage: a plain accumulation loop). On a GPU, in a dense step, the host waits for the
+        device only in the token-range check, once per step before any micro-batch and only with several ranks:
+        the batches are copied without blocking, and an NCCL collective's wait makes the compute stream wait for
+        it, not the host (tests/test_devices.py checks one GPU under torch.cuda.set_sync_debug_mode)."""
         self.grads.zero()
         consumed = self.loader.consumed_samples
         micro_batches = self.loader.next_step()
@@ -278,14 +292,19 @@ class Trainer:
             before_backward=lambda i, chunk: self.grads.start_micro_batch(last=i == count - 1),
         )
         self.grads.finish()
-        return self.stage_mean(sum(loss.detach() for loss in losses) if losses else torch.zeros((), device=self.device))
+        total = sum(loss.detach() for loss in losses) if losses else torch.zeros((), device=self.device)
+        return self.mean_over_stages(total)
 
     def check_token_range(self, micro_batches: list[torch.Tensor]) -> None:
         """Ids outside the vocabulary mean data made with another tokenizer; say so (on every rank together)
-        instead of crashing the embedding kernel."""
+        instead of crashing the embedding kernel. The micro-batches are still host tensors here (they move to
+        the device in `stage_forward`), so their min and max cost no device sync; deciding on every rank
+        together does (`any_rank`, a one-element all-reduce read back), once per step with several ranks. It
+        cannot wait until the loss is read: on CUDA an id outside the table is a device-side assert, which
+        ends the process, so the step must not start."""
         low = min(int(t.min()) for t in micro_batches)
         high = max(int(t.max()) for t in micro_batches)
-        (bad,) = distributed.any_rank(low < 0 or high >= self.vocab_size)
+        (bad,) = distributed.any_rank(low < 0 or high >= self.vocab_size, device=self.device)
         if bad:
             raise DatasetError(
                 f"the data holds token ids outside the model's "
@@ -295,7 +314,9 @@ class Trainer:
 
     def clip_gradients(self) -> float:
         """Clip by the global norm over every rank, the parameters a model feature clips on its own (its
-        `separate_clip`) separately; returns the norm of the others before clipping."""
+        `separate_clip`) separately; returns the norm of the others before clipping. Each norm is read on the
+        host (on a GPU a host sync, once per step and once per separate clip): it decides whether to clip, and
+        the loop stops on an infinite one before the optimizer step."""
         apart: set = set()
         for params, max_norm in filter(None, (f.separate_clip() for f in self.features)):
             selected = params.__contains__
@@ -414,7 +435,7 @@ class Trainer:
                     self.metrics.log(step, self.step_record(grad_norm, validation))
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                     self.save()
-                if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline)[0]:
+                if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline, device=self.device)[0]:
                     if self.is_main:
                         print(f"train.time_limit_minutes={t.time_limit_minutes} reached at step {step}", flush=True)
                     break

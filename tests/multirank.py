@@ -1,4 +1,7 @@
-"""Run a function on N gloo ranks on the CPU (forked processes) and collect what each returns."""
+"""Run a function on N gloo ranks on the CPU (forked processes) and collect what each returns.
+
+On a GPU, ranks must not be forked from a process that may have touched CUDA: `start_method="spawn"` starts
+fresh interpreters instead, and `backend=None` leaves starting the process group to the function (NCCL)."""
 
 from __future__ import annotations
 
@@ -18,14 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
+def _entry(rank: int, world: int, port: int, fn, args, results, backend) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share 2 cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     try:  # a short timeout: a rank that waits for a dead peer fails instead of hanging the suite
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        if backend is not None:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         # plain pickle: tensors travel by value, not as shared memory that dies with this process
         results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # reported to the parent, which fails the test with the rank's traceback
@@ -39,23 +43,27 @@ class RankDied(AssertionError):
     """A rank ended without a result or an error (killed, crashed in native code): not a test failure."""
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
-    """fn(rank, world, *args) on each rank, the process group already started; returns the results by rank.
+def run_ranks(world: int, fn, *args, timeout: float = 300.0, start_method: str = "fork",
+              backend: str | None = "gloo") -> list:
+    """fn(rank, world, *args) on each rank, the process group already started (`backend` None: not started;
+    MASTER_ADDR/MASTER_PORT are set for fn to start it); returns the results by rank. `start_method` "spawn"
+    for ranks that use CUDA (fn and args must then pickle: a module-level function).
 
     A rank that dies without reporting (or a port taken between choosing and binding it) is a fault of the
     machine, not of the code under test: the ranks are started once more. A rank that raises fails the test."""
     try:
-        return _run_once(world, fn, args, timeout)
+        return _run_once(world, fn, args, timeout, start_method, backend)
     except RankDied as err:
         print(f"multirank: {err}; starting the ranks again")
-        return _run_once(world, fn, args, timeout)
+        return _run_once(world, fn, args, timeout, start_method, backend)
 
 
-def _run_once(world: int, fn, args, timeout: float) -> list:
-    ctx = mp.get_context("fork")  # ranks start with what the test process imported: no seconds of imports each
+def _run_once(world: int, fn, args, timeout: float, start_method: str, backend) -> list:
+    # fork: ranks start with what the test process imported, no seconds of imports each
+    ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results, backend)) for r in range(world)]
     for p in procs:
         p.start()
     out = {}

@@ -46,8 +46,12 @@ class GPASFeature(ModelFeature):
         self.gates, self.topology, self.gate_grad_clip = gates, topology, gate_grad_clip
 
     def local_scales(self) -> dict[str, float]:
-        """1 - silu(a) of each of this stage's layers, by global layer number."""
-        return {i: gate.scale() for i, gate in self.gates.items()}
+        """1 - silu(a) of each of this stage's layers, by global layer number. Each is computed as `scale` does,
+        on the device, and all are read in one copy: on a GPU, one host sync per logged step, not one per layer."""
+        if not self.gates:
+            return {}
+        scales = torch.stack([1.0 - F.silu(gate.gate.detach()) for gate in self.gates.values()]).tolist()
+        return dict(zip(self.gates, scales))
 
     def metrics(self) -> dict:
         return {"gpas_scale": gather_over_stages(self.local_scales(), self.topology)}

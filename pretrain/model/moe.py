@@ -16,6 +16,7 @@ from parallel.expert_parallel import build_dispatcher
 from parallel.pipeline import gather_over_stages
 from parallel.placement import Placement, place, split
 from parallel.topology import Topology
+from parallel.transfers import to_device
 from pretrain.config import ModelConfig
 from pretrain.model.features import ModelFeature
 from pretrain.model.router import Router
@@ -74,7 +75,8 @@ class Experts(nn.Module):
         return torch.cat(outputs)
 
     def _grouped(self, x: torch.Tensor, tokens_per_expert: list[int], probs: torch.Tensor) -> torch.Tensor:
-        ends = torch.tensor(tokens_per_expert, device=x.device).cumsum(0).to(torch.int32)
+        # the offsets go to the device without a host sync (a plain torch.tensor(..., device=) would wait)
+        ends = to_device(torch.tensor(tokens_per_expert), x.device).cumsum(0).to(torch.int32)
         weights = [w for w in (self.gate, self.up, self.down) if w is not None]
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover the grouped matmul
             dtype = torch.get_autocast_dtype(x.device.type)
