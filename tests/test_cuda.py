@@ -1,17 +1,12 @@
-"""What only a GPU can show: bf16 autocast, the grouped expert matmul in bf16, recomputation's memory, compilation,
-and the collectives' CUDA code paths (gloo with CUDA tensors, two ranks on one GPU). Skipped without CUDA;
-`python -m tools.device_check` runs them (test names contain "cuda")."""
+"""What only a GPU can show: bf16 autocast, the grouped expert matmul in bf16, recomputation's memory and
+compilation (the collectives' CUDA paths are in test_devices.py). Skipped without CUDA; `python -m
+tools.device_check` runs them."""
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -93,37 +88,3 @@ def test_cuda_compiled_layers_train_like_eager(tmp_path, tiny_corpus):
                                       f"train.compile={str(compiled).lower()}"))
         losses[compiled] = [trainer.train_step()[0] for _ in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
-
-
-def torchrun(nproc, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "pretrain",
-                           *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_cuda_tensors_through_the_collectives_two_ranks_on_one_gpu(tmp_path, tiny_corpus):
-    """gloo with CUDA tensors, both ranks on the one GPU (NCCL cannot put two ranks on one device): DP2 with the
-    distributed optimizer, and TP2 with SP, against one rank on the GPU. Every collective of the step then takes
-    CUDA tensors, which is what NCCL needs of them."""
-    base = [f"data.sources={{tiny: {{prefixes: [{tiny_corpus}]}}}}", "model.num_layers=2", "model.hidden_size=64",
-            "model.num_attention_heads=4", "model.seq_length=32", "train.iters=4", "train.global_batch_size=4",
-            "train.micro_batch_size=1", "eval.interval=0", "logging.interval=1", "logging.tensorboard=false",
-            "run.device=cuda", "parallel.backend=gloo", "checkpoint.interval=0"]
-
-    def losses(run_dir, nproc, *layout):
-        args = [*base, f"run.dir={run_dir}", *layout]
-        if nproc == 1:
-            env = dict(os.environ, PYTHONPATH=ROOT)
-            result = subprocess.run([sys.executable, "-m", "pretrain", *args], capture_output=True, text=True, env=env,
-                                    cwd=ROOT, timeout=600)
-        else:
-            result = torchrun(nproc, *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [json.loads(line)["loss"] for line in f]
-
-    reference = losses(tmp_path / "one", 1)
-    for name, layout in (("dp2", ["optimizer.distributed=true"]),
-                         ("tp2", ["parallel.tensor=2", "parallel.sequence_parallel=true"])):
-        assert losses(tmp_path / name, 2, *layout) == pytest.approx(reference, rel=1e-4), name

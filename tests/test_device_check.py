@@ -15,6 +15,12 @@ def test_writes_the_environment_and_an_empty_report_without_a_gpu(tmp_path, caps
     assert capsys.readouterr().out.startswith("device check, ")
 
 
+def test_the_cuda_test_files_are_found():
+    files = device_check.cuda_test_files()
+    assert {"tests/test_cuda.py", "tests/test_devices.py", "tests/test_context_parallel.py"} <= set(files)
+    assert "tests/test_blend.py" not in files
+
+
 def test_unknown_preset_is_refused(tmp_path, capsys):
     assert device_check.main([str(tmp_path), "--presets", "gpt3"]) == 2
     assert "unknown preset(s) ['gpt3']" in capsys.readouterr().err
