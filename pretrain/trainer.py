@@ -60,7 +60,7 @@ def choose_kernels(cfg: Config, device: torch.device) -> tuple[Config, list[str]
         adam = "optimizer.fused=false asks for torch's unfused AdamW"
     else:
         adam = apex_backend.adam_problem(device) if o.impl != "torch" else None
-    blocked = distributed.any_rank(norm is not None, adam is not None)  # on this rank or another
+    blocked = distributed.any_rank(norm is not None, adam is not None, device=device)  # on this rank or another
     chosen, kept = [], []
     for name, choice, problem, somewhere in (("model.norm_impl", m.norm_impl, norm, blocked[0]),
                                              ("optimizer.impl", o.impl, adam, blocked[1])):

@@ -47,8 +47,9 @@ def test_any_rank_reduces_a_tensor_on_the_given_device(monkeypatch):
 
 
 def test_the_trainer_gives_every_rank_wide_decision_its_device(tmp_path, tiny_corpus, monkeypatch):
-    """Both callers of any_rank (the token-range check of each step and evaluation, the time limit) pass the
-    trainer's device; with the test above, the all-reduce under NCCL then gets a tensor on the rank's GPU."""
+    """Every caller of any_rank (the kernel choice at start, the token-range check of each step and evaluation, the
+    time limit) passes the trainer's device; with the test above, the all-reduce under NCCL then gets a tensor on
+    the rank's GPU."""
     from pretrain.trainer import train
 
     devices = []
@@ -61,7 +62,8 @@ def test_the_trainer_gives_every_rank_wide_decision_its_device(tmp_path, tiny_co
     monkeypatch.setattr(distributed, "any_rank", recording)
     cfg = tiny_config(tmp_path, tiny_corpus, "run.device=cpu", "train.iters=3", "train.time_limit_minutes=1e6")
     train(cfg)
-    assert len(devices) == 3 + 1 + 3  # a range check per step and per evaluation, the time limit per step
+    # the kernel choice, a range check per step and per evaluation, the time limit per step
+    assert len(devices) == 1 + 3 + 1 + 3
     assert set(devices) == {torch.device("cpu")}
 
 
