@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import os
+import re
 import sys
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from parallel.topology import Topology
 from pretrain.config_loading import load_config
 from pretrain.model import GPT
@@ -126,3 +128,31 @@ def test_without_transformers_foldtron_still_gets_its_row(tmp_path, tiny_corpus,
     out = capsys.readouterr().out
     assert set(rows_of(out)) == {"foldtron"}
     assert 'baseline: skipped: transformers is not installed (pip install -e ".[bench]")' in out
+
+
+PRESETS = ["gpt2_small", "llama_1b", "moe_1b"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_the_presets_state_their_dry_run(name):
+    """The parameters and the dry-run memory in each preset's comment header are what launch --dry-run says."""
+    from launch.__main__ import dry_run
+
+    path = os.path.join(ROOT, "examples", f"{name}.yaml")
+    report = dry_run(path, [], 1)
+    with open(path, encoding="utf-8") as f:
+        header = " ".join(line.lstrip("# ").rstrip() for line in f if line.startswith("#"))
+    (params,) = re.findall(r"parameters: ([\d,]+) in the model", report)
+    (memory,) = re.findall(r"tp rank 0: (weights .* = [\d.]+ [GM]iB)", report)
+    assert f"{params} parameters" in header and memory in header
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_the_presets_run_shrunk_on_the_cpu(name, capsys):
+    shrink = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+              "model.ffn_hidden_size=128", "model.moe.ffn_hidden_size=64", "model.seq_length=32",
+              "model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_size=2"]
+    path = os.path.join(ROOT, "examples", f"{name}.yaml")
+    assert bench_train.main([path, *shrink, "--warmup", "0", "--steps", "1"]) == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert set(rows) == ({"foldtron"} if name == "moe_1b" or not HAS_TRANSFORMERS else {"foldtron", "baseline"})
