@@ -214,7 +214,8 @@ def run_baseline(cfg, device: torch.device, *, vocab_size: int, tokenizer_vocab:
 
     m, t, o = cfg.model, cfg.train, cfg.optimizer
     torch.manual_seed(cfg.run.seed)
-    model = LlamaForCausalLM(llama_config(m, vocab_size)).to(device)  # fp32 weights, as foldtron keeps them
+    with torch.device(device):  # initialised where it trains (a 1B model's initialisation on the host is slow)
+        model = LlamaForCausalLM(llama_config(m, vocab_size))  # fp32 weights, as foldtron keeps them
     model.train()
     params = list(model.parameters())  # a tied table once
     fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
@@ -253,10 +254,11 @@ def run_baseline(cfg, device: torch.device, *, vocab_size: int, tokenizer_vocab:
 
 
 def release(device: torch.device) -> None:
-    """Free what the previous model left (and the compiled graphs), so that the next one's peak is its own."""
-    gc.collect()
+    """Free what the previous model left (the compiled graphs first: they hold on to the modules they were
+    compiled from), so that the next one's peak is its own."""
     if hasattr(torch, "_dynamo"):
         torch._dynamo.reset()
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -313,6 +315,8 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
     peak = peak_tflops(device, cfg.precision.dtype, args.peak_tflops or cfg.logging.peak_tflops)
     shape = {"tokens_per_step": t.global_batch_size * m.seq_length, "devices": world_size,
              "flops_per_token": model_flops_per_token(m, ctx["vocab_size"]), "peak": peak}
+    # what foldtron left allocated, counted in the baseline's peak (0 unless something holds on to its tensors)
+    left_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     baseline, note = None, baseline_problem(cfg, world_size)
     note = f"not comparable ({note})" if note else ("skipped (--no-baseline)" if args.no_baseline else None)
     if note is None:
@@ -335,7 +339,7 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
         "micro_batches": ctx["micro_batches"], "seq_length": m.seq_length, "tokens_per_step": shape["tokens_per_step"],
         "flops_per_token": shape["flops_per_token"], "peak_tflops": peak, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "description": ctx["description"], "foldtron": foldtron.row(**shape),
-        "baseline": baseline, "baseline_note": note,
+        "baseline": baseline, "baseline_note": note, "cuda_memory_left_by_foldtron_gib": left_gib,
     }
 
 
