@@ -5,7 +5,10 @@ Builds the config's `Trainer` (checkpoints, evaluation and TensorBoard off, in a
 runs N warm-up steps (the first compiles with `train.compile`), then times M steps of
 `Trainer.train_step()`, and prints one table: tokens/s, model TFLOP/s per device and MFU (the FLOP
 count of pretrain/metrics.py), peak CUDA memory, the share of the step time spent waiting for data (time
-inside the loader's `next_step`, the host waiting for the prefetch thread) and the step time.
+inside the loader's `next_step`, the host waiting for the prefetch thread: on CUDA the device may still be
+busy with the previous step meanwhile, so this bounds what data costs from above) and the step time.
+`--peak-tflops X` gives the MFU where the device is not in pretrain/metrics.py's table (the CPU, say);
+`--no-baseline` leaves the baseline out.
 
 The baseline, in the same process and on the same device, is the same-shape model as Hugging Face
 `transformers.LlamaForCausalLM` (SDPA attention, fp32 weights under bf16 autocast when foldtron runs
