@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "ruff"],  # ruff: the lint step of .ci/run (ruff.toml)
+        # python -m tools.bench_train's baseline (Hugging Face's Llama); its tests skip that part without it
+        "bench": ["transformers>=4.45"],
         # CUDA only: FP8 and fused layers.
         "te": ["transformer-engine[pytorch]"],
     },

@@ -200,6 +200,8 @@ class DataConfig:
     validation: dict[str, list[str]] = field(default_factory=dict)  # separate validation sets; then no split
     cache_dir: Optional[str] = None  # embedded corpora and sample indices; null: see the README
     prefetch: int = 2  # steps of batches prepared in the background
+    # random token ids instead of the sources (benchmarks): sample i is a pure function of (run.seed, i)
+    synthetic: bool = False
 
 
 @dataclass
@@ -519,6 +521,12 @@ class Config:
         if d.tokenizer != "byte" and not d.tokenizer_path:
             e.add(f"data.tokenizer={d.tokenizer} needs data.tokenizer_path (its tokenizer.json or .model file)")
         e.non_negative("data.prefetch", d.prefetch)
+        if d.synthetic:  # no source is read: sources and split are ignored, a schedule or files asked for refused
+            for name, value in (("data.phases", d.phases), ("data.validation", d.validation)):
+                if value:
+                    e.add(f"{name} is set but data.synthetic=true reads no data (random token ids): remove {name} "
+                          f"({name}={'[]' if name == 'data.phases' else '{}'}) or set data.synthetic=false")
+            return
         if not d.sources:
             e.add("data.sources is empty: name at least one source with its prefixes")
         for name, source in d.sources.items():

@@ -18,6 +18,7 @@ import torch
 from data.indexed import DatasetError
 from data.loader import DataLoader, eval_batches
 from data.sources import DataPlan, TrainingStreams, make_plan
+from data.synthetic import SyntheticPlan, SyntheticStreams
 from data.tokenizers import TokenizerError, build_tokenizer
 from parallel import apex_backend
 from parallel.buckets import BucketLayout
@@ -94,9 +95,13 @@ def load_tokenizer(cfg: Config):
         raise ConfigError(str(err)) from None
 
 
-def plan_data(cfg: Config, tokenizer) -> DataPlan:
-    """The checked data plan of a validated config: what tools.blend_plan prints and the trainer reads."""
+def plan_data(cfg: Config, tokenizer) -> DataPlan | SyntheticPlan:
+    """The checked data plan of a validated config: what tools.blend_plan prints and the trainer reads
+    (with data.synthetic, random ids below the tokenizer's vocabulary: no source is opened)."""
     t, d = cfg.train, cfg.data
+    if d.synthetic:
+        return SyntheticPlan(total_steps=t.iters, global_batch=t.global_batch_size, seq_length=cfg.model.seq_length,
+                             vocab_size=tokenizer.vocab_size)
     return make_plan(
         d.sources, d.phases, validation=d.validation, split=parse_split(d.split), total_steps=t.iters,
         global_batch=t.global_batch_size, seq_length=cfg.model.seq_length, vocab_size=tokenizer.vocab_size,
@@ -113,6 +118,8 @@ def data_signature(cfg: Config) -> str:
         "validation": d.validation, "seq_length": cfg.model.seq_length, "global_batch": t.global_batch_size,
         "seed": cfg.run.seed, "iters": t.iters if d.phases else None,
     }
+    if d.synthetic:  # only when set, so that the signatures of checkpoints written before the field stay valid
+        parts["synthetic"] = True
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -145,8 +152,8 @@ class Trainer:
                                         layout=self.layout())
             if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
                 raise CheckpointError(
-                    f"{self.resume_from} was trained with other data settings (sources, phases, split, seq_length, "
-                    "global batch, seed or, with phases, train.iters): resuming would read another stream; "
+                    f"{self.resume_from} was trained with other data settings (sources, phases, split, synthetic, "
+                    "seq_length, global batch, seed or, with phases, train.iters): resuming would read another stream; "
                     "resume with the same settings, or start a new run.dir"
                 )
 
@@ -195,8 +202,10 @@ class Trainer:
         return {**self.topology.layout(), "pipeline_layers": describe_chunks(self.chunks),
                 "distributed_optimizer": o.distributed, "grad_bucket_mb": p.grad_bucket_mb if o.distributed else None}
 
-    def _build_data(self, eval_samples: int) -> tuple[DataPlan, TrainingStreams]:
+    def _build_data(self, eval_samples: int) -> tuple[DataPlan | SyntheticPlan, TrainingStreams | SyntheticStreams]:
         plan = plan_data(self.cfg, self.tokenizer)
+        if isinstance(plan, SyntheticPlan):
+            return plan, SyntheticStreams(plan, seed=self.cfg.run.seed, eval_samples=eval_samples)
         streams = TrainingStreams(plan, seed=self.cfg.run.seed, tokenizer=self.tokenizer, eval_samples=eval_samples,
                                   cache_dir=self.cfg.data.cache_dir)
         streams.build_indices()  # now, on rank 0 first: no rank builds or reads a half-written cache later
