@@ -128,6 +128,7 @@ def activation_bytes(
     was given, the gathered full sequence; Megatron-LM frees it and gathers again in backward, foldtron not):
         e*T*h         the query/key/value projection's
         e*T*h         the MLP's, twice for SwiGLU under autocast (gate and up each cast the fp32 input to bf16)
+                      and under SP (the gathered input is not contiguous: each linear reshapes it to a copy)
     split over TP:
         e*T*(h+2gd)   the query/key/value projection's output, kept whole (values are a view of it), g groups
                       of head size d
@@ -204,7 +205,7 @@ def activation_terms(
     attention_selective = layer_input + (e * T * (h + 2 * g * d) + e * T * h + 4 * T * a) / tp + 2 * e * T * h
 
     def mlp(width: int) -> float:
-        inputs = (2 if swiglu and autocast else 1) * e * T * h
+        inputs = (2 if swiglu and (autocast or q > 1) else 1) * e * T * h  # a copy per linear: see the docstring
         return inputs + (4 if swiglu else 2) * e * T * width / tp
 
     mlp_selective = lambda width: (2 if swiglu else 1) * e * T * width / tp  # noqa: E731

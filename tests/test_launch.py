@@ -128,9 +128,9 @@ def test_activation_bytes_by_hand():
                      seq_length=4)
     assert activation_bytes(m2, 1, 16, tp=2, element_bytes=4) == 2432
     # + sequence parallelism: the norms halve (272 for both, 136 the final one), the linears keep their gathered
-    # inputs (528 + 640 as without SP), and so does the loss (its input 128, labels 64, rotary 128):
-    # 272 + 528 + 640 + 136 + 128 + 64 + 128 + 128 = 2024.
-    assert activation_bytes(m2, 1, 16, tp=2, sequence_parallel=True, element_bytes=4) == 2024
+    # inputs (528 as without SP; the MLP 640 + 128: gate and up each copy the non-contiguous gathered input),
+    # and so does the loss (its input 128, labels 64, rotary 128): 272 + 528 + 768 + 136 + 128 + 64 + 128 + 128.
+    assert activation_bytes(m2, 1, 16, tp=2, sequence_parallel=True, element_bytes=4) == 2152
     # GELU (fp32): the MLP keeps 128 + 2*4*4*16 = 640 instead of 1152.
     assert activation_bytes(dataclasses.replace(m, activation="gelu"), 1, 16, element_bytes=4) == 3280 - 512
     # the fused loss keeps one chunk of logits: 2 tokens x 16 instead of 4 x 16, 4 bytes each
