@@ -63,7 +63,7 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
     receives the estimate of each (stage, tp rank) as a dict of bytes (what --json writes)."""
     import torch
 
-    from launch.estimate import activation_bytes, human_bytes, parameters_per_tp_rank, state_bytes
+    from launch.estimate import activation_bytes, activation_terms, human_bytes, parameters_per_tp_rank, state_bytes
     from parallel.pipeline import PipelineSchedule, bubble_fraction, describe_chunks, pipeline_chunks
     from parallel.topology import Topology, TopologyError, describe
     from pretrain.model import GPT
@@ -108,13 +108,18 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
     shards = sizes.dp * sizes.cp if sharded else 1
     element_bytes = 4 if cfg.precision.dtype == "fp32" else 2
 
-    def activations(stage: int) -> float:
-        """One micro-batch through one of this stage's chunks, times the chunks the schedule keeps alive there
-        (1F1B: p - s); the embedding and output terms are counted on every stage (an overestimate)."""
+    def activations(stage: int) -> tuple[float, float]:
+        """(activations, the autocast weight copies among them) of one of this stage's chunks, with the micro-batch
+        chunks the schedule keeps alive there (1F1B: p - s); the embedding and output terms are counted on every
+        stage (an overestimate)."""
         chunk_model = dataclasses.replace(m, num_layers=max(len(r) for r in chunks[stage]))
-        one = activation_bytes(chunk_model, cfg.train.micro_batch_size, vocab_size, tp=p.tensor, cp=p.context,
-                               sequence_parallel=p.sequence_parallel and p.tensor > 1, element_bytes=element_bytes)
-        return one * schedule.most_in_flight(stage)
+        shapes = dict(tp=p.tensor, cp=p.context, sequence_parallel=p.sequence_parallel and p.tensor > 1,
+                      element_bytes=element_bytes, residual_bytes=WEIGHT_BYTES, ep=sizes.ep, etp=sizes.expert_tp)
+        in_flight = schedule.most_in_flight(stage)
+        terms = activation_terms(chunk_model, cfg.train.micro_batch_size, vocab_size, **shapes)
+        copies = terms["weight_copies"] if chunk_model.recompute != "none" else terms["weight_copies"] * in_flight
+        return activation_bytes(chunk_model, cfg.train.micro_batch_size, vocab_size, **shapes,
+                                in_flight=in_flight), copies
 
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
@@ -125,17 +130,20 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
         f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
         f"tokens, recomputation {m.recompute}"
         + (f" of {m.recompute_layers} layer(s) per stage" if m.recompute == "full" and m.recompute_layers else "")
-        + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else ""),
+        + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else "")
+        + (", with the bf16 weight copies autocast keeps" if element_bytes < WEIGHT_BYTES else ""),
     ]
     for c in counts:
         dense = state_bytes(c.total - c.expert, WEIGHT_BYTES, shards)
         experts = state_bytes(c.expert, WEIGHT_BYTES, sizes.edp if sharded else 1)
-        parts = {**{k: dense[k] + experts[k] for k in dense}, "activations": activations(c.stage)}
+        acts, copies = activations(c.stage)
+        parts = {**{k: dense[k] + experts[k] for k in dense}, "activations": acts}
         if memory is not None:
             memory.append({"stage": c.stage, "tp_rank": c.tp_rank, "parameters": c.total, **parts,
-                           "total": sum(parts.values())})
+                           "total": sum(parts.values()), "autocast_weight_copies": copies})
         terms = " + ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
-        lines.append(f"  {_where(c, p.pipeline)}: {terms} = {human_bytes(sum(parts.values()))}")
+        of_which = f" (of which weight copies {human_bytes(copies)})" if copies else ""
+        lines.append(f"  {_where(c, p.pipeline)}: {terms}{of_which} = {human_bytes(sum(parts.values()))}")
     return "\n".join(lines)
 
 

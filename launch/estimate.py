@@ -9,6 +9,7 @@ context and temporary tensors are not included, so leave headroom.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,59 +87,173 @@ def state_bytes(params: int, weight_bytes: int, optimizer_shards: int = 1) -> di
     }
 
 
+def _moe_layers(m: ModelConfig) -> int:
+    return sum(m.moe.is_moe_layer(i) for i in range(m.num_layers)) if m.moe.num_experts else 0
+
+
+def routed_pairs(m: ModelConfig, tokens: float, *, etp: int = 1) -> float:
+    """(token, expert) pairs one rank's experts compute, of `tokens` tokens entering each MoE block of a rank:
+    top_k per token (dropless; on average over EP: each rank receives as many pairs as it sends), at most each
+    expert's capacity with a capacity factor (exactly it with pad_to_capacity), times ETP (the ETP peers compute
+    on the same, gathered, pairs)."""
+    moe = m.moe
+    pairs = moe.top_k * tokens
+    if moe.capacity_factor is not None:
+        capacity = min(tokens, math.ceil(tokens * moe.top_k / moe.num_experts * moe.capacity_factor))
+        pairs = moe.num_experts * capacity if moe.pad_to_capacity else min(pairs, moe.num_experts * capacity)
+    return pairs * etp
+
+
 def activation_bytes(
     m: ModelConfig, micro_batch: int, vocab_size: int, *, tp: int = 1, cp: int = 1,
-    sequence_parallel: bool = False, element_bytes: int = 2,
+    sequence_parallel: bool = False, element_bytes: int = 2, residual_bytes: int = 4, ep: int = 1, etp: int = 1,
+    in_flight: int = 1,
 ) -> float:
-    """Bytes of the activations one micro-batch keeps for the backward pass on one rank.
+    """Bytes of activation memory on one rank at its peak, with `in_flight` micro-batches held for the backward
+    pass (1F1B: p - stage): kept * in_flight + max(forward, backward) of `activation_terms`.
 
-    The method of Korthikanti et al. 2022 (Megatron's s*b*h*(34 + 5*a*s/h) per layer), applied to this
-    model: no dropout, grouped-query attention, SwiGLU or GELU, and flash attention, which keeps no
-    s x s score matrix. Each rank holds s = seq_length / CP tokens of b sequences. Per layer without
-    recomputation (`model.recompute: none`), in elements:
+    Counted tensor by tensor from what autograd saves in pretrain/model/gpt.py (as measured on the CPU by
+    tools/activation_memory.py, which tests/test_memory_estimate.py compares with this), in the manner of
+    Korthikanti et al. 2022 (Megatron's s*b*h*(34 + 5*a*s/h) per layer) but with two dtypes: the matrix
+    multiplies' outputs and inputs are `element_bytes` (e: 2 under bf16 autocast), while the residual stream
+    and the norms are `residual_bytes` (r: 4; the weights are fp32, autocast runs the norms in fp32, so residual
+    adds and norm inputs stay fp32). Under fp32, e = r = 4. No dropout, grouped-query attention, flash
+    attention (no s x s scores). A rank holds T = s*b tokens, s = seq_length / CP, of b sequences; q = TP under
+    sequence parallelism (SP), else 1. Per layer without recomputation (`model.recompute: none`), in bytes:
 
-    replicated over TP (split over TP with sequence parallelism, counting as Megatron-LM does that a
-    column-parallel linear keeps its sequence shard and gathers it again for the backward pass):
-        4*s*b*h      inputs of the two norms and of the column-parallel linears after them
+    norms (replicated over TP; split over TP under SP, where they see a sequence shard), each:
+        r*T*h/q       its input (the residual stream)
+        r*T*h/q       torch's RMSNorm also keeps x * rsqrt(mean(x^2)) (LayerNorm: only small mean and rstd)
+    inputs of the column-parallel linears (replicated over TP, and under SP too: the linear keeps the input it
+    was given, the gathered full sequence; Megatron-LM frees it and gathers again in backward, foldtron not):
+        e*T*h         the query/key/value projection's
+        e*T*h         the MLP's, twice for SwiGLU under autocast (gate and up each cast the fp32 input to bf16)
+                      and under SP (the gathered input is not contiguous: each linear reshapes it to a copy)
     split over TP:
-        s*b*h        queries
-        2*S*b*g*d    keys and values of g query groups (S = seq_length: context parallelism gathers them)
-        s*b*h        attention output, the input of the output projection
-        4*s*b*f      SwiGLU: gate, up, silu(gate) and their product (GELU: 2*s*b*f, its input and output)
+        e*T*(h+2gd)   the query/key/value projection's output, kept whole (values are a view of it), g groups
+                      of head size d
+        e*T*(h+gd)    the queries and keys after rotary embedding
+        e*T*h         attention output, the input of the output projection (plus its log-sum-exp, 4*T*a)
+        2*e*S*b*g*d   under CP only: the keys and values gathered over the whole sequence S = seq_length
+        4*e*T*f       SwiGLU: gate, up, silu(gate) and their product (GELU: 2*e*T*f, its input and output)
 
-    `selective` keeps the layer's input (s*b*h, replicated as above) and the outputs of its matrix
-    multiplies and of attention, and recomputes the rest:
-        s*b*(h + 2*g*d) / TP   the query/key/value projection (local keys and values: the gathered ones
-                               are recomputed)
-        s*b*h / TP             attention output
-        2*s*b*h                the two row-parallel outputs, before their reduction over TP
-        2*s*b*f / TP           SwiGLU's gate and up projections (GELU: s*b*f)
+    An MoE layer (`model.moe`) replaces the MLP's linear inputs and activations with those of its N routed
+    pairs (`routed_pairs`: top_k*T/q, capped by the capacity, times ETP) of experts of width F / ETP:
+        r*T*h/q           the router's input (the fp32 norm output; routing runs in fp32)
+        e*N*h             the permuted tokens in bf16, the experts' input
+        5*e*N*F/ETP       SwiGLU: gate, up, silu(gate), their product and the product times the probability
+                          (GELU: 3*e*N*F/ETP)
+        e*N*h             the experts' outputs, which the combine keeps
+        32*N + 4*T*(2E + 3k)/q   the dispatcher's indices (int64) and the router's scores
+    plus the shared expert, if any, counted as a dense MLP of its width.
+
+    `selective` keeps the layer's input (r*T*h/q) and the outputs of its matrix multiplies and of attention,
+    and recomputes the rest:
+        e*T*(h + 2gd)/TP   the query/key/value projection
+        e*T*h/TP           attention output
+        2*e*T*h            the two row-parallel outputs, before their reduction over TP
+        2*e*T*f/TP         SwiGLU's gate and up projections (GELU: e*T*f)
+        (MoE: e*N*(2F/ETP + h), the experts' matmuls, instead of the last two rows' MLP terms)
 
     `full` keeps only the input of each recomputed layer (the first `recompute_layers` of the stage, or
-    all), and while one of them is recomputed in backward its whole activations exist once more.
+    all); the others are kept as without recomputation.
 
-    After the last layer: the final norm's input and output (2*s*b*h, like the first row) and one
-    chunk of logits (min(model.loss_chunk_tokens, s*b) * vocab, split over TP): the output layer and the
-    loss run fused, chunk by chunk, and keep no logits for backward. Everything at `element_bytes`
-    (2 for bf16, 4 for fp32).
+    bf16 copies of the weights (under autocast only, e < r): autocast casts each decoder-layer matmul weight
+    once per forward (its cache lives for the autocast region, one micro-batch of Trainer.stage_forward) and
+    the matmul keeps the copy: e bytes per matmul weight element (`layer_matmul_weights`). A layer without
+    recomputation keeps its copies with its activations; a recomputed one keeps none after its forward.
+
+    After the last layer: the final norm's kept tensors (as a norm above), its output r*T*h (gathered: the loss
+    keeps the hidden states), 16 bytes a token for the labels and the loss's statistics, the rotary tables
+    8*T*d, and one chunk of logits: min(model.loss_chunk_tokens, T) * vocab / TP elements, fp32 (4 bytes) plus
+    the matmul's e-byte output alongside when e < 4, and under autocast the loss's e-byte copy of the output
+    weight, e*vocab/TP*h: the output layer and the loss run fused, chunk by chunk, and keep no logits for
+    backward, but one chunk is alive at a time in the forward and backward passes.
+
+    kept = the layers' terms above + the output terms but the logits chunk; on top of it, at the worst moment,
+        forward  = the logits chunk + the weight copies of the recomputed layers (all exist during the forward)
+        backward = one recomputed layer (the largest): its terms without recomputation less what it kept,
+                   plus its weight copies and its output r*T*h/q (alive until the recomputation returns;
+                   in an MoE layer under autocast also the fp32 permuted tokens r*N*h), while it is
+                   recomputed, less the output terms (freed by then; 0 without recomputation).
     """
+    t = activation_terms(m, micro_batch, vocab_size, tp=tp, cp=cp, sequence_parallel=sequence_parallel,
+                         element_bytes=element_bytes, residual_bytes=residual_bytes, ep=ep, etp=etp)
+    return t["kept"] * in_flight + max(t["forward"], t["backward"])
+
+
+def activation_terms(
+    m: ModelConfig, micro_batch: int, vocab_size: int, *, tp: int = 1, cp: int = 1,
+    sequence_parallel: bool = False, element_bytes: int = 2, residual_bytes: int = 4, ep: int = 1, etp: int = 1,
+) -> dict[str, float]:
+    """The terms of `activation_bytes` (see there): bytes `kept` by one micro-batch after its forward, the
+    `forward` and `backward` transients on top of them, and `weight_copies`, the autocast copies among them
+    (those kept plus those of the recomputed layers), for the report."""
     s, b, S = m.seq_length // cp, micro_batch, m.seq_length
-    h, f, g = m.hidden_size, m.ffn_size, m.query_groups
-    d = h // m.num_attention_heads
-    replicated_divisor = tp if sequence_parallel else 1
+    h, f, g, a = m.hidden_size, m.ffn_size, m.query_groups, m.num_attention_heads
+    d = h // a
+    e, r = element_bytes, residual_bytes
+    T = s * b
+    q = tp if sequence_parallel else 1
     swiglu = m.activation == "swiglu"
-    layer_input = s * b * h / replicated_divisor
-    mlp = (4 if swiglu else 2) * s * b * f
-    layer = 4 * layer_input + (s * b * h + 2 * S * b * g * d + s * b * h + mlp) / tp
-    if m.recompute == "selective":
-        layer = layer_input + (s * b * (h + 2 * g * d) + s * b * h + (2 if swiglu else 1) * s * b * f) / tp \
-            + 2 * s * b * h
-    output = 2 * s * b * h / replicated_divisor + min(m.loss_chunk_tokens or s * b, s * b) * vocab_size / tp
-    layers = m.num_layers * layer
-    if m.recompute == "full":
-        recomputed = min(m.recompute_layers or m.num_layers, m.num_layers)
-        layers = recomputed * layer_input + (m.num_layers - recomputed) * layer + layer  # + one being recomputed
-    return float(element_bytes * (layers + output))
+    autocast = e < r
+    norm = (2 if m.norm == "rmsnorm" else 1) * r * T * h / q + 4 * T / q  # + its rstd
+    layer_input = r * T * h / q
+    attention = e * T * h + (e * T * (h + 2 * g * d) + e * T * (h + g * d) + e * T * h + 4 * T * a) / tp
+    if cp > 1:
+        attention += 2 * e * S * b * g * d / tp
+    attention_selective = layer_input + (e * T * (h + 2 * g * d) + e * T * h + 4 * T * a) / tp + 2 * e * T * h
+
+    def mlp(width: int) -> float:
+        inputs = (2 if swiglu and (autocast or q > 1) else 1) * e * T * h  # a copy per linear: see the docstring
+        return inputs + (4 if swiglu else 2) * e * T * width / tp
+
+    mlp_selective = lambda width: (2 if swiglu else 1) * e * T * width / tp  # noqa: E731
+    copies = [e * w if autocast else 0.0 for w in layer_matmul_weights(m, tp=tp, ep=ep, etp=etp)]
+    kinds = []  # (layers, without recomputation, selective, weight copies, recomputation's extra) by kind
+    moe_layers = _moe_layers(m)
+    if moe_layers < m.num_layers:
+        kinds.append((m.num_layers - moe_layers, 2 * norm + attention + mlp(f),
+                      attention_selective + mlp_selective(f), copies[0], layer_input))
+    if moe_layers:
+        E, k, F_ = m.moe.num_experts, m.moe.top_k, m.moe.ffn_hidden_size or f
+        shared = m.moe.shared_expert_ffn_hidden_size or 0
+        N = routed_pairs(m, T / q, etp=etp)
+        experts = r * T * h / q + e * N * h + (5 if swiglu else 3) * e * N * F_ / etp + e * N * h \
+            + 32 * N + 4 * T * (2 * E + 3 * k) / q
+        kinds.append((moe_layers, 2 * norm + attention + experts + (mlp(shared) if shared else 0),
+                      attention_selective + e * N * (2 * F_ / etp + h) + 4 * T * E / q
+                      + (mlp_selective(shared) if shared else 0), copies[1],
+                      layer_input + (r * N * h if autocast else 0)))
+    recomputed = {"none": 0, "selective": m.num_layers,
+                  "full": min(m.recompute_layers or m.num_layers, m.num_layers)}[m.recompute]
+    share = recomputed / m.num_layers  # of each kind of layer (an average: the first layers are the recomputed)
+    kept_by = {"none": lambda plain, selective: plain, "selective": lambda plain, selective: selective,
+               "full": lambda plain, selective: layer_input}[m.recompute]
+    kept = sum(n * ((1 - share) * (plain + copy) + share * kept_by(plain, selective))
+               for n, plain, selective, copy, _ in kinds)
+    chunk = min(m.loss_chunk_tokens or T, T)
+    output = norm + r * T * h + 16 * T + 8 * T * d  # the output terms but the logits
+    kept += output
+    logits = chunk * vocab_size / tp * (4 + (e if e < 4 else 0)) + (e * vocab_size / tp * h if autocast else 0)
+    recomputed_copies = sum(n * share * copy for n, _, _, copy, _ in kinds)
+    backward = max(plain - kept_by(plain, selective) + copy + extra for _, plain, selective, copy, extra in kinds) \
+        - output \
+        if recomputed else 0.0  # the output terms are freed before the last layer's backward
+    return {"kept": float(kept), "forward": float(logits + recomputed_copies), "backward": float(backward),
+            "weight_copies": float(sum(n * (1 - share) * copy for n, _, _, copy, _ in kinds) + recomputed_copies)}
+
+
+def layer_matmul_weights(m: ModelConfig, *, tp: int = 1, ep: int = 1, etp: int = 1) -> tuple[float, float]:
+    """Elements of one rank's matmul weights in (a dense layer, an MoE layer): what autocast casts to bf16."""
+    h, f, g, d = m.hidden_size, m.ffn_size, m.query_groups, m.hidden_size // m.num_attention_heads
+    per_mlp = 3 if m.activation == "swiglu" else 2
+    attention = (h * (h + 2 * g * d) + h * h) / tp
+    moe = 0.0
+    if m.moe.num_experts:
+        moe = attention + m.moe.num_experts / ep * per_mlp * h * (m.moe.ffn_hidden_size or f) / etp \
+            + per_mlp * h * (m.moe.shared_expert_ffn_hidden_size or 0) / tp
+    return attention + per_mlp * h * f / tp, moe
 
 
 def human_bytes(n: float) -> str:

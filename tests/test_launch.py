@@ -11,9 +11,11 @@ import torch
 
 from conftest import ROOT
 from launch.__main__ import main
-from launch.estimate import activation_bytes, count_parameters, human_bytes, parameters_per_tp_rank, state_bytes
+from launch.estimate import (
+    activation_bytes, count_parameters, human_bytes, parameters_per_tp_rank, routed_pairs, state_bytes,
+)
 from parallel.topology import Topology
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, MoEConfig
 from pretrain.config_loading import load_config
 from pretrain.model import GPT
 
@@ -102,40 +104,72 @@ def test_distributed_optimizer_shards_only_the_optimizer_states():
 
 
 def test_activation_bytes_by_hand():
-    # s=4 tokens, b=1, h=8, a=2 heads (d=4), g=1 query group, f=16 (SwiGLU), vocab 16, one layer:
-    # norms and linear inputs 4*4*8=128; q 32; k and v 2*4*1*4=32; attention output 32; MLP 4*4*16=256;
-    # final norm 2*4*8=64; logits 4*16=64: 608 elements.
+    # s=4 tokens, b=1 (T=4), h=8, a=2 heads (d=4), g=1 query group, f=16 (SwiGLU), vocab 16, one layer, in bytes.
+    # fp32 (e=r=4): each RMSNorm 2*4*4*8 (input, normalised) + 4*4 (rstd) = 272, two: 544;
+    # attention 4*4*8=128 (qkv input) + 4*4*(8+2*4)=256 (qkv) + 4*4*(8+4)=192 (rotated q, k) + 128 (output)
+    # + 4*4*2=32 (log-sum-exp) = 736; MLP 128 (input) + 4*4*4*16=1024 = 1152: the layer 2432.
+    # After it: final norm 272 + its output 128 + 16*4=64 (labels, statistics) + 8*4*4=128 (rotary) = 592,
+    # and the logits chunk 4*16*4 = 256: 3280.
     m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
                     seq_length=4)
-    assert activation_bytes(m, 1, 16, element_bytes=2) == 2 * 608
-    assert activation_bytes(m, 1, 16, element_bytes=4) == 4 * 608
-    # CP2: 2 local tokens, but keys and values all-gathered over all 4 (term by term as above):
-    # 64 + 16 + 32 + 16 + 128 + 32 + 32 = 320
-    assert activation_bytes(m, 1, 16, cp=2, element_bytes=1) == 320
-    # TP2 (g=2): the replicated part (128 + 64) stays, the rest halves; sequence parallelism halves it too.
+    assert activation_bytes(m, 1, 16, element_bytes=4) == 3280
+    # bf16 autocast (e=2, r=4): norms 544; attention 64 + 128 + 96 + 64 + 32 = 384; MLP 2*64 (gate and up cast
+    # the input each) + 4*2*4*16=512 = 640; bf16 weight copies 2*(8*16 + 8*8 + 3*8*16) = 1152; output terms 592;
+    # logits 4*16*(4+2) = 384 plus the loss's bf16 output weight 2*16*8 = 256: 1568 + 1152 + 592 + 640 = 3952.
+    assert activation_bytes(m, 1, 16, element_bytes=2) == 3952
+    # CP2 (fp32): T=2, keys and values gathered over S=4: norms 2*(2*4*2*8 + 8) = 272; attention 64 + 128 + 96
+    # + 64 + 16 + 2*4*4*4=128 (gathered k, v) = 496; MLP 64 + 512 = 576; output 136 + 64 + 32 + 64 = 296;
+    # logits 2*16*4 = 128: 1768.
+    assert activation_bytes(m, 1, 16, cp=2, element_bytes=4) == 1768
+    # TP2 (g=2, fp32): norms and the linears' inputs stay replicated, the rest halves: norms 544; attention
+    # 128 + (4*4*24=384 + 4*4*16=256 + 128 + 32) / 2 = 528; MLP 128 + 1024/2 = 640; output 592; logits 256/2:
+    # 1712 + 592 + 128 = 2432.
     m2 = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=16,
                      seq_length=4)
-    split = 32 + 2 * 4 * 2 * 4 + 32 + 256 + 64  # 448 elements split over TP
-    assert activation_bytes(m2, 1, 16, tp=2, element_bytes=1) == 192 + split / 2
-    assert activation_bytes(m2, 1, 16, tp=2, sequence_parallel=True, element_bytes=1) == (192 + split) / 2
-    assert activation_bytes(dataclasses.replace(m, activation="gelu"), 1, 16, element_bytes=1) == 608 - 128
-    # the fused loss keeps one chunk of logits: 2 tokens x 16 instead of 4 x 16
-    assert activation_bytes(dataclasses.replace(m, loss_chunk_tokens=2), 1, 16, element_bytes=1) == 608 - 32
+    assert activation_bytes(m2, 1, 16, tp=2, element_bytes=4) == 2432
+    # + sequence parallelism: the norms halve (272 for both, 136 the final one), the linears keep their gathered
+    # inputs (528 as without SP; the MLP 640 + 128: gate and up each copy the non-contiguous gathered input),
+    # and so does the loss (its input 128, labels 64, rotary 128): 272 + 528 + 768 + 136 + 128 + 64 + 128 + 128.
+    assert activation_bytes(m2, 1, 16, tp=2, sequence_parallel=True, element_bytes=4) == 2152
+    # GELU (fp32): the MLP keeps 128 + 2*4*4*16 = 640 instead of 1152.
+    assert activation_bytes(dataclasses.replace(m, activation="gelu"), 1, 16, element_bytes=4) == 3280 - 512
+    # the fused loss keeps one chunk of logits: 2 tokens x 16 instead of 4 x 16, 4 bytes each
+    assert activation_bytes(dataclasses.replace(m, loss_chunk_tokens=2), 1, 16, element_bytes=4) == 3280 - 128
+
+
+def test_activation_bytes_of_an_moe_layer_by_hand():
+    # The model above (fp32) with 2 experts of width 16, top-1: N = 4 routed pairs. The MoE block keeps the
+    # router's input 4*4*8=128, the experts' input 4*4*8=128, SwiGLU's five 5*4*4*16=1280, the combined outputs
+    # 128, the indices 32*4=128 and the router's scores 4*4*(2*2 + 3*1)=112: 1904 instead of the MLP's 1152.
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
+                    seq_length=4, moe=MoEConfig(num_experts=2, top_k=1, ffn_hidden_size=16))
+    assert activation_bytes(m, 1, 16, element_bytes=4) == 3280 - 1152 + 1904
+    # top-2 with capacity factor 0.5: each expert keeps ceil(4*2/2*0.5) = 2 tokens, N = 4 of the 8 pairs
+    capped = dataclasses.replace(m, moe=MoEConfig(num_experts=2, top_k=2, ffn_hidden_size=16, capacity_factor=0.5))
+    assert routed_pairs(capped, 4) == 4 and routed_pairs(m, 4) == 4  # top-1 dropless: 4 too
+    assert routed_pairs(dataclasses.replace(m, moe=MoEConfig(num_experts=2, top_k=2)), 4) == 8
+    # the same N, but the router keeps top-2 scores: 4*4*3*2 instead of 4*4*3*1, 48 more
+    assert activation_bytes(capped, 1, 16, element_bytes=4) == 3280 - 1152 + 1904 + 48
 
 
 def test_activation_bytes_with_recomputation_by_hand():
-    """The same one-layer model as above (s=4, b=1, h=8, d=4, g=1, f=16, vocab 16; output terms 64 + 64)."""
+    """The same one-layer model (fp32: the layer 2432, output terms 592, logits chunk 256)."""
     m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
                     seq_length=4)
-    # selective: input 32, q/k/v projection 4*(8+2*4)=64, attention output 32, two row-parallel outputs 64,
-    # gate and up 2*4*16=128
-    assert activation_bytes(dataclasses.replace(m, recompute="selective"), 1, 16, element_bytes=1) == 320 + 128
-    # full, every layer: each layer's input (32) plus one whole layer (480) while it is recomputed
+    # selective keeps: input 4*4*8=128, q/k/v projection 4*4*(8+2*4)=256, attention output 128 + log-sum-exp 32,
+    # two row-parallel outputs 2*128, gate and up 2*4*4*16=512: 1312, + output terms 592 = 1904. While the layer
+    # is recomputed in backward: 2432 - 1312 (its recomputed tensors) + 128 (its output) - 592 (the output
+    # terms, freed by then) = 656, more than the logits chunk (256): 2560.
+    assert activation_bytes(dataclasses.replace(m, recompute="selective"), 1, 16, element_bytes=4) == 1904 + 656
+    # full, every layer: each layer's input (4 x 128) + output terms 592, then one whole layer while it is
+    # recomputed: 2432 - 128 + 128 - 592 = 1840
     four = dataclasses.replace(m, num_layers=4, recompute="full")
-    assert activation_bytes(four, 1, 16, element_bytes=1) == 4 * 32 + 480 + 128
+    assert activation_bytes(four, 1, 16, element_bytes=4) == 4 * 128 + 592 + 1840
     # full, 1 of 4: three plain layers, one input, one layer recomputed at a time
     one = dataclasses.replace(four, recompute_layers=1)
-    assert activation_bytes(one, 1, 16, element_bytes=1) == 3 * 480 + 32 + 480 + 128
+    assert activation_bytes(one, 1, 16, element_bytes=4) == 3 * 2432 + 128 + 592 + 1840
+    # two micro-batches in flight hold twice what one keeps; the transient counts once
+    assert activation_bytes(one, 1, 16, element_bytes=4, in_flight=2) == 2 * (3 * 2432 + 128 + 592) + 1840
 
 
 def test_human_bytes():
