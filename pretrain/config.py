@@ -369,6 +369,9 @@ class Config:
             e.add(f"model.recompute={m.recompute} with model.moe.router.load_balancing=global_aux_loss: the global "
                   "loss depends on the micro-batches routed so far, which a recomputed layer would see changed; "
                   "use aux_loss or seq_aux_loss, or model.recompute=none")
+        if self.train.compile and m.recompute != "none":
+            e.add(f"train.compile=true with model.recompute={m.recompute}: compiled checkpointing takes no "
+                  "recompute contexts (the selective policy, the router's count-once flag); use one or the other")
         if self.train.compile:
             problem = compile_problem(self.run.device)
             if problem:

@@ -22,7 +22,8 @@ from typing import Optional
 
 
 # Dense peak TFLOP/s per GPU (tensor cores, no sparsity), by a substring of torch.cuda.get_device_name().
-# bf16; fp32 training is measured against TF32 (torch.backends.cuda.matmul.allow_tf32) or plain fp32.
+# bf16; fp32 training against plain fp32 (with TF32 matmuls allowed, set logging.peak_tflops to the TF32 peak, or
+# MFU can read above 100%).
 PEAK_TFLOPS = {
     "bf16": [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)],
     "fp32": [("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 66.9), ("A100", 19.5)],

@@ -329,8 +329,9 @@ def test_real_fused_adam_matches_torch_adamw():
 
 @real_apex
 @pytest.mark.parametrize("precision, rel, more", [("fp32", 1e-4, ()), ("bf16", 1e-2, ()),
-                                                  ("bf16", 1e-2, ("model.recompute=selective", "train.compile=true",
-                                                                  "optimizer.distributed=true"))])
+                                                  ("bf16", 1e-2, ("model.recompute=selective",
+                                                                  "optimizer.distributed=true")),
+                                                  ("bf16", 1e-2, ("train.compile=true",))])
 def test_real_apex_trains_to_torchs_losses_and_resumes_across(tmp_path, tiny_corpus, precision, rel, more):
     extra = ("run.device=cuda", f"precision.dtype={precision}", "checkpoint.interval=0", *more)
     reference = tiny_config(tmp_path / "torch", tiny_corpus, *extra, "model.norm_impl=torch", "optimizer.impl=torch")

@@ -119,6 +119,7 @@ def test_recompute_layers_picks_the_first_layers_of_each_stage():
      "model.recompute_layers=3 is more than the 2 layer(s) of the smallest pipeline stage"),
     (["model.recompute=selective", "model.moe.num_experts=4", "model.moe.router.load_balancing=global_aux_loss"],
      "model.recompute=selective with model.moe.router.load_balancing=global_aux_loss"),
+    (["model.recompute=full", "train.compile=true"], "train.compile=true with model.recompute=full"),
 ])
 def test_bad_recompute_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
