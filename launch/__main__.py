@@ -13,8 +13,7 @@ import dataclasses
 import json
 import sys
 
-from parallel.errors import FoldtronError
-from pretrain.cli import USER_ERRORS, print_error
+from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, print_error
 
 USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
          "(--world-size N | --nnodes A --nproc-per-node B) [--json PATH]")
@@ -23,17 +22,8 @@ USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] 
 WEIGHT_BYTES = 4
 
 
-class UsageError(FoldtronError):
-    """Bad command-line arguments (argparse would exit; this lets main() print the usage)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m launch", add_help=False)
+    parser = ArgumentParser(prog="python -m launch", add_help=False)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--world-size", type=int)
     parser.add_argument("--nnodes", type=int)
@@ -51,10 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.world_size = args.nnodes * args.nproc_per_node
     if min(n for n in (args.world_size, args.nnodes, args.nproc_per_node) if n is not None) < 1:
         raise UsageError("--world-size, --nnodes and --nproc-per-node must be positive")
-    args.paths = [a for a in args.args if "=" not in a]
-    args.overrides = [a for a in args.args if "=" in a]
-    if len(args.paths) != 1:
-        raise UsageError(f"expected one config file, got {args.paths or 'none'}")
+    args.path, args.overrides = config_and_overrides(args.args)
     return args
 
 
@@ -162,7 +149,7 @@ def main(argv: list[str]) -> int:
         return 2
     memory: list = []
     try:
-        print(dry_run(args.paths[0], args.overrides, args.world_size, memory=memory))
+        print(dry_run(args.path, args.overrides, args.world_size, memory=memory))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"world_size": args.world_size, "memory_per_rank": memory}, f, indent=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from parallel.errors import FoldtronError
@@ -13,6 +14,25 @@ USER_ERRORS = (FoldtronError, OSError)
 def one_line(err: BaseException) -> str:
     """The error's message folded onto one line."""
     return " ".join(str(err).split())
+
+
+class UsageError(FoldtronError):
+    """Bad command-line arguments (argparse would exit; this lets main() print the usage)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
+    """One config path and its `section.key=value` overrides from positional arguments."""
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 1:
+        raise UsageError(f"expected one config file, got {paths or 'none'}")
+    return paths[0], [a for a in args if "=" in a]
 
 
 def print_error(program: str, err: BaseException) -> None:

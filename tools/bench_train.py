@@ -40,25 +40,15 @@ from typing import Callable, Optional
 
 import torch
 
-from parallel.errors import FoldtronError
-from pretrain.cli import USER_ERRORS, print_error
+from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, print_error
 
 USAGE = ("usage: python -m tools.bench_train CONFIG.yaml [section.key=value ...] [--warmup N] [--steps M] "
          "[--json PATH] [--peak-tflops X] [--no-baseline]")
 COLUMNS = ("", "params", "tokens/s", "TFLOP/s/device", "MFU", "peak GiB", "data wait", "step ms")
 
 
-class UsageError(FoldtronError):
-    """Bad command-line arguments (argparse would exit; this lets main() print the usage)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m tools.bench_train", add_help=False)
+    parser = ArgumentParser(prog="python -m tools.bench_train", add_help=False)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", dest="json_path")
@@ -66,11 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("args", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    paths = [a for a in args.args if "=" not in a]
-    args.overrides = [a for a in args.args if "=" in a]
-    if len(paths) != 1:
-        raise UsageError(f"expected one config file, got {paths or 'none'}")
-    args.path = paths[0]
+    args.path, args.overrides = config_and_overrides(args.args)
     if args.warmup < 0 or args.steps < 1:
         raise UsageError(f"--warmup {args.warmup} --steps {args.steps}: warm-up steps must be 0 or more and timed "
                          "steps at least 1")
