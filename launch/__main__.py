@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 
-from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, print_error
+from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, parse_command, print_error
 
 USAGE = ("usage: python -m launch --dry-run CONFIG.yaml [section.key=value ...] "
          "(--world-size N | --nnodes A --nproc-per-node B) [--json PATH]")
@@ -139,14 +139,9 @@ def _where(c, stages: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"launch: error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
+    args = parse_command(argv, parse_args, program="launch", usage=USAGE)
+    if isinstance(args, int):
+        return args
     memory: list = []
     try:
         print(dry_run(args.path, args.overrides, args.world_size, memory=memory))

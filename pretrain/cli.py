@@ -35,6 +35,19 @@ def config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
     return paths[0], [a for a in args if "=" in a]
 
 
+def parse_command(argv: list[str], parse, *, program: str, usage: str):
+    """`parse(argv)`, or the exit status when there is nothing to run: 0 after printing the usage for -h/--help,
+    2 after a one-line usage error."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        return 0
+    try:
+        return parse(argv)
+    except UsageError as err:
+        print(f"{program}: error: {err}\n{usage}", file=sys.stderr)
+        return 2
+
+
 def print_error(program: str, err: BaseException) -> None:
     """`program: error: message` on stderr, the message folded onto one line."""
     print(f"{program}: error: {one_line(err)}", file=sys.stderr)

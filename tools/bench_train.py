@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, print_error
+from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, parse_command, print_error
 
 USAGE = ("usage: python -m tools.bench_train CONFIG.yaml [section.key=value ...] [--warmup N] [--steps M] "
          "[--json PATH] [--peak-tflops X] [--no-baseline]")
@@ -333,16 +333,11 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
     from pretrain import distributed
 
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"bench_train: error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
+    args = parse_command(argv, parse_args, program="bench_train", usage=USAGE)
+    if isinstance(args, int):
+        return args
     world_size, rank = distributed.world_from_env()
     try:
         report = benchmark(args, world_size, rank)
