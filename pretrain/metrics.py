@@ -58,6 +58,17 @@ def peak_tflops(device, dtype: str, override: Optional[float]) -> Optional[float
     return next((peak for key, peak in PEAK_TFLOPS.get(dtype, []) if key in name), None)
 
 
+def throughput(tokens_per_sec: float, *, devices: int, flops_per_token: Optional[float],
+               peak_tflops: Optional[float]) -> dict:
+    """tokens/s in all and per device, model TFLOP/s per device and MFU (the last two where they are known)."""
+    out = {"tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / devices}
+    if flops_per_token:
+        out["tflops_per_device"] = flops_per_token * out["tokens_per_sec_per_device"] / 1e12
+        if peak_tflops:
+            out["mfu"] = out["tflops_per_device"] / peak_tflops
+    return out
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rest = divmod(seconds, 3600)
@@ -187,12 +198,8 @@ class Metrics:
         print(line, flush=True)
 
     def throughput(self, tokens_per_sec: float) -> dict:
-        out = {"tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / self.devices}
-        if self.flops_per_token:
-            out["tflops_per_device"] = self.flops_per_token * out["tokens_per_sec_per_device"] / 1e12
-            if self.peak_tflops:
-                out["mfu"] = out["tflops_per_device"] / self.peak_tflops
-        return out
+        return throughput(tokens_per_sec, devices=self.devices, flops_per_token=self.flops_per_token,
+                          peak_tflops=self.peak_tflops)
 
     def memory(self) -> dict:
         """Peak CUDA memory of this rank since the previous record, in GiB (nothing on the CPU)."""

@@ -243,10 +243,6 @@ class Trainer:
             torch.distributed.broadcast(value, src=tp.members["pp"][-1], group=tp.groups["pp"])
         return value
 
-    def stage_mean(self, total: torch.Tensor) -> float:
-        """`mean_over_stages` read on the host: on a GPU the host waits here for the device to finish the step."""
-        return float(self.mean_over_stages(total))
-
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank. On a GPU
         the host waits for the device where it reads these two (see accumulate_gradients for the rest)."""
@@ -353,7 +349,7 @@ class Trainer:
             outputs = run_schedule(self.eval_schedule, self.link,
                                       lambda i, chunk, received: self.stage_forward(batches[i], received, chunk))
             total = sum(outputs) / len(outputs) if outputs else torch.zeros((), device=self.device)
-            by_source[stream.name] = self.stage_mean(total)
+            by_source[stream.name] = float(self.mean_over_stages(total))
         self.model.train()
         return by_source
 

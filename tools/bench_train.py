@@ -77,11 +77,12 @@ class Measurement:
     losses: list[float]
 
     def row(self, *, tokens_per_step: int, devices: int, flops_per_token: float, peak: Optional[float]) -> dict:
-        tokens_per_sec = tokens_per_step * self.steps / self.seconds
-        tflops = flops_per_token * tokens_per_sec / devices / 1e12
+        from pretrain.metrics import throughput
+
+        rates = throughput(tokens_per_step * self.steps / self.seconds, devices=devices,
+                           flops_per_token=flops_per_token, peak_tflops=peak)
         return {
-            "params": self.params, "tokens_per_sec": tokens_per_sec, "tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "peak_memory_gib": self.peak_memory_gib,
+            "params": self.params, **rates, "mfu": rates.get("mfu"), "peak_memory_gib": self.peak_memory_gib,
             "data_wait_fraction": self.data_wait / self.seconds, "step_ms": 1000 * self.seconds / self.steps,
             "first_loss": self.losses[0], "last_loss": self.losses[-1],
         }
