@@ -15,7 +15,9 @@ Recipes:
   kernel is. The weight gradient stays in bf16 (torchao's `rowwise_with_gw_hp`): its scales would run
   along the tokens, which micro-batching and expert parallelism split in layout-dependent ways.
 - `delayed`: inputs and gradients scaled by the amax history of earlier steps (`max` or `most_recent`
-  of the last `amax_history_len`, divided by 2^margin), so quantizing needs no reduction first. The
+  of the last `amax_history_len`, divided by 2^margin), so quantizing needs no reduction first (the
+  first step, without a history, scales by the current amax where Transformer Engine uses 1: a fixed
+  scale would make a gradient's rounding depend on how many micro-batches its loss is divided by). The
   amaxes seen during a step are reduced over the ranks of the pipeline stage (TP x DP x CP, as
   Megatron-LM's amax group) and pushed once per step, after the optimizer step: every micro-batch of a
   step uses the same scales on every layout. The histories are checkpointed.
@@ -169,7 +171,30 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv
 # ----------------------------------------------------------------------------- one linear layer
 
 
-class Fp8Linear:
+class Fp8Gemm:
+    """What the training loop (pretrain/model/fp8.py) asks of every FP8 GEMM object, whatever its backend; the
+    defaults are those of a GEMM without state."""
+
+    def invalidate(self) -> None:
+        """The weight has changed (an optimizer step, a checkpoint load): quantize it again at the next use."""
+        self._cache = None
+
+    def amaxes(self) -> list[torch.Tensor]:
+        """This step's amaxes to reduce over the stage (delayed scaling), in a fixed order."""
+        return []
+
+    def push_history(self, reduced: list[torch.Tensor]) -> None:
+        """Take the reduced `amaxes()` once per step."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (empty: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""
+
+
+class Fp8Linear(Fp8Gemm):
     """How one tensor-parallel linear layer (y = x W^T, W [N, K] this rank's piece) runs in FP8: its recipe,
     the groups its amaxes are reduced over, its cached quantized weight and, with delayed scaling, the
     amax histories of its input and gradient.
@@ -183,11 +208,13 @@ class Fp8Linear:
         self.recipe, self.kind, self.name = recipe, kind, name
         self.weight_group, self.batch_group = weight_group, batch_group
         self._cache: tuple | None = None
+        self._training = True
         if recipe.scaling == "delayed":
             n = recipe.amax_history_len
             self.history = {"input": torch.zeros(n, device=device), "grad": torch.zeros(n, device=device)}
             self.step_amax = {role: torch.zeros((), device=device) for role in self.history}
             self.scales = {role: torch.ones((), device=device) for role in self.history}
+            self.has_history = False  # until the first step ends, scale by the current amax (a host flag: no sync)
 
     # rowwise amaxes reduced where the row is split over the tensor group
     def _group_if(self, split: bool):
@@ -200,10 +227,6 @@ class Fp8Linear:
             with torch.no_grad():
                 self._cache = self._quantize_weight(weight.detach())
         return self._cache
-
-    def invalidate(self) -> None:
-        """The weight has changed (an optimizer step, a checkpoint load): quantize it again at the next use."""
-        self._cache = None
 
     def _quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.recipe.scaling == "rowwise":
@@ -222,11 +245,14 @@ class Fp8Linear:
             split = (self.kind == "row") == (role == "input")  # a column layer's output gradient
             return scale_from_amax(amax(x, 1, group=self._group_if(split)), dtype)
         if self.recipe.scaling == "delayed":
-            torch.maximum(self.step_amax[role], x.detach().abs().amax().float(), out=self.step_amax[role])
-            return self.scales[role]
+            if self._training or role == "grad":  # evaluation must not move the scales
+                torch.maximum(self.step_amax[role], x.detach().abs().amax().float(), out=self.step_amax[role])
+            if self.has_history:
+                return self.scales[role]
         return scale_from_amax(amax(x, group=self.batch_group), dtype)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        self._training = torch.is_grad_enabled()  # read here: inside the autograd function's forward it is off
         return _Fp8Matmul.apply(x, weight, self, *self.weight_forms(weight))
 
     # --------------------------------------------------------------- delayed scaling: once per step
@@ -244,6 +270,7 @@ class Fp8Linear:
             basis = history.max() if r.amax_compute_algo == "max" else history[0]
             self.scales[role] = scale_from_amax(basis, E4M3 if role == "input" else r.gradient_dtype, r.margin)
             self.step_amax[role].zero_()
+        self.has_history = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.recipe.scaling != "delayed":
@@ -251,11 +278,14 @@ class Fp8Linear:
         return {f"{role}_amax_history": self.history[role] for role in self.history}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.recipe.scaling != "delayed":
+            return
         r = self.recipe
         for role in self.history:
             self.history[role].copy_(state[f"{role}_amax_history"])
             basis = self.history[role].max() if r.amax_compute_algo == "max" else self.history[role][0]
             self.scales[role] = scale_from_amax(basis, E4M3 if role == "input" else r.gradient_dtype, r.margin)
+        self.has_history = True
 
 
 class _Fp8Matmul(torch.autograd.Function):
@@ -284,8 +314,11 @@ class _Fp8Matmul(torch.autograd.Function):
         g = grad.contiguous().view(-1, grad.shape[-1])
         g_scale = layer.activation_scale(g, "grad", dtype)
         qg = quantize(g, g_scale, dtype)
-        grad_input = scaled_mm(qg, w_dgrad, g_scale.reciprocal(), w_dgrad_inv, out_dtype=OUT_DTYPE,
-                               what=f"{layer.name} dgrad")
+        # an fp32 input (the norms' output under autocast) takes its gradient in fp32 straight from the GEMM's fp32
+        # accumulator: no rounding to bf16 first, and tensor-parallel partial sums are then added in fp32
+        wide = ctx.input_dtype == torch.float32 and layer.recipe.scaling != "rowwise"  # rowwise: bf16 output only
+        grad_input = scaled_mm(qg, w_dgrad, g_scale.reciprocal(), w_dgrad_inv,
+                               out_dtype=torch.float32 if wide else OUT_DTYPE, what=f"{layer.name} dgrad")
         grad_weight = None
         if ctx.want_weight:
             if layer.recipe.scaling == "rowwise":
@@ -300,7 +333,7 @@ class _Fp8Matmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------- the experts
 
 
-class Fp8GroupedLinear:
+class Fp8GroupedLinear(Fp8Gemm):
     """The experts' GEMMs in FP8: a stack W [G, N, K] (this rank's experts, N or K split over ETP) times the
     rows of each expert. Always rowwise (per-token and per-expert-row scales, e4m3, the only form of the
     grouped kernel): per-token scales do not depend on which tokens expert parallelism puts together on a
@@ -325,9 +358,6 @@ class Fp8GroupedLinear:
                 dgrad = quantize(w, columns, E4M3).transpose(1, 2).contiguous().transpose(1, 2)  # [G, N, K]
                 self._cache = (forward, rows.reciprocal().squeeze(2), dgrad, columns.reciprocal().squeeze(1))
         return self._cache
-
-    def invalidate(self) -> None:
-        self._cache = None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         return _Fp8GroupedMatmul.apply(x, weight, ends, self, *self.weight_forms(weight))

@@ -9,6 +9,10 @@ norms in between run on sequence shards (their weight gradients are then partial
 added over TP by the gradient synchronisation: their placement says `sequence_parallel`). Whether
 sequence parallelism is on is the topology's to say (`topology.sequence_parallel`).
 
+A layer's GEMM runs `F.linear`, or in FP8 through the object in its `fp8` attribute (parallel/fp8.py, or the
+Transformer Engine adapter in parallel/te_backend.py) when a run enables it (pretrain/model/fp8.py): the
+collectives around the GEMM are the same either way.
+
 Every weight gets its `Placement` (parallel/placement.py) here, where it is made, so that
 initialisation can draw the global tensor from a name-keyed generator and keep this rank's
 piece: the same seed gives the same model whatever the layout.
@@ -65,12 +69,13 @@ class ColumnParallelLinear(nn.Module):
         local_out = _divide(out_features, topology.tp, "output features")
         self.weight = tensor_parallel_weight((local_out, in_features), (out_features, in_features), dim=0,
                                              topology=topology)
+        self.fp8 = None  # the FP8 GEMM (x, weight) -> y, when the run enables FP8 for this layer
 
     def forward(self, x: torch.Tensor, entered: bool = False) -> torch.Tensor:
         """`entered`: `x` is already the output of `enter_tensor_parallel` (shared by several layers)."""
         if not entered:
             x = enter_tensor_parallel(x, self.topology)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight) if self.fp8 is None else self.fp8(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -82,9 +87,11 @@ class RowParallelLinear(nn.Module):
         local_in = _divide(in_features, topology.tp, "input features")
         self.weight = tensor_parallel_weight((out_features, local_in), (out_features, in_features), dim=1,
                                              topology=topology)
+        self.fp8 = None  # as in ColumnParallelLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return leave_tensor_parallel(F.linear(x, self.weight), self.topology)
+        y = F.linear(x, self.weight) if self.fp8 is None else self.fp8(x, self.weight)
+        return leave_tensor_parallel(y, self.topology)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -53,13 +53,16 @@ def check_writable(ckpt_dir: str) -> None:
                               "choose another folder") from None
 
 
-def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool) -> dict:
+def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool, fp8=None) -> dict:
     """Keys name the shard they hold, so every rank writes (and reads) only its own part:
     `model.pp<p>.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights;
     layers keep their global numbers), `optim.pp<p>.tp<t>` for the plain optimizer (likewise replicated)
     or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice; (tp, dpcp) names a rank
     of the stage). Expert weights, and their plain-optimizer states, are replicated over EDP instead:
-    they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0."""
+    they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0.
+    FP8 state (`fp8`, the feature of pretrain/model/fp8.py: amax histories, TE's extra state) is the same on
+    every rank of a stage (its amaxes are reduced over the stage): `fp8.pp<p>`, keyed by module name,
+    written by the stage's first rank."""
     keys = _keys(topology, saving=saving)
     experts = {n for n, p in model.named_parameters() if placement_of(p).expert}
     weights = model.state_dict()
@@ -67,6 +70,8 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool)
     if experts:
         parts["expert_weights"] = {k: v for k, v in weights.items() if k in experts}
     parts.update(optimizer.state_parts())
+    if fp8 is not None and (fp8_state := fp8.state_dict()):
+        parts["fp8"] = fp8_state
     return {keys[part][0]: value for part, value in parts.items() if keys[part][1]}
 
 
@@ -79,11 +84,12 @@ def _keys(topology, *, saving: bool) -> dict[str, tuple[str, bool]]:
     expert_writer = topology.coords["edp"] == 0 or not saving
     return {"weights": (f"model.{dense}", dense_writer), "expert_weights": (f"experts.{expert}", expert_writer),
             "dense": (f"optim.{dense}", dense_writer), "experts": (f"optim_experts.{expert}", expert_writer),
-            "own": (f"optim.{dense}.dpcp{topology.coords['dp_cp']}", True)}
+            "own": (f"optim.{dense}.dpcp{topology.coords['dp_cp']}", True),
+            "fp8": (f"fp8.pp{topology.pp_rank}", topology.index_in("tp-dp-cp") == 0 or not saving)}
 
 
 def save(
-    ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int,
+    ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int, fp8=None,
 ) -> str:
     """Write checkpoint `step` atomically (every rank its shards); return its folder."""
     rank = topology.rank
@@ -94,7 +100,7 @@ def save(
     barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_sharded_state(model, optimizer, topology, saving=True), checkpoint_id=tmp)
+        dcp.save(_sharded_state(model, optimizer, topology, saving=True, fp8=fp8), checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     barrier()  # every rank's files are in place before the folder is renamed
     if rank == 0:
@@ -196,11 +202,12 @@ def check_compatible(path: str, meta: dict, *, model_signature: dict, layout: di
         )
 
 
-def load(path: str, *, model: torch.nn.Module, optimizer, topology) -> dict:
-    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first); return its meta."""
+def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None) -> dict:
+    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first), and the FP8 state
+    when `fp8` is given (the caller checks that the checkpoint holds the same kind); return its meta."""
     meta = read_meta(path)
     optimizer.materialize_state()
-    state = _sharded_state(model, optimizer, topology, saving=False)
+    state = _sharded_state(model, optimizer, topology, saving=False, fp8=fp8)
     rng_path = os.path.join(path, f"rng_rank{topology.rank}.pt")
     try:  # only reading is labelled: a mismatch after check_compatible is a bug and keeps its traceback
         with warnings.catch_warnings():
@@ -211,6 +218,8 @@ def load(path: str, *, model: torch.nn.Module, optimizer, topology) -> dict:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({_reason(err)})") from err
     parts = {part: state[key] for part, (key, _) in _keys(topology, saving=False).items() if key in state}
     model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
+    if "fp8" in parts:
+        fp8.load_state_dict(parts.pop("fp8"))
     optimizer.load_state_parts(parts)
     _set_rng_state(rng)
     return meta

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from data.blend import PhaseConfig, ScheduleError, SourceConfig, phase_boundaries
+from pretrain.config_fp8 import config_problems as fp8_problems
 from parallel.errors import FoldtronError
 from parallel.pipeline import pipeline_chunks
 from parallel.topology import Sizes, TopologyError
@@ -149,8 +150,25 @@ class ParallelConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 GEMMs (pretrain/model/fp8.py). Recipes: torch backend tensorwise | rowwise | delayed; te backend
+    delayed | tensorwise | blockwise."""
+    enabled: bool = False
+    backend: Literal["torch", "te"] = "torch"  # torch: torch._scaled_mm; te: NVIDIA Transformer Engine
+    recipe: Literal["tensorwise", "rowwise", "delayed", "blockwise"] = "tensorwise"
+    format: Literal["hybrid", "e4m3"] = "hybrid"  # hybrid: e4m3 forward, e5m2 gradients
+    amax_history_len: int = 1024  # delayed scaling: steps of amax history
+    amax_compute_algo: Literal["max", "most_recent"] = "max"  # delayed scaling: the history's max or its newest
+    margin: int = 0  # delayed scaling: scales are divided by 2^margin
+    bf16_first_layers: int = 0  # the first this many decoder layers stay bf16
+    bf16_last_layers: int = 0  # the last this many decoder layers stay bf16
+    min_weight_elements: int = 0  # GEMMs whose (global) weight is smaller stay bf16
+
+
+@dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matrix multiplies, fp32 weights and optimizer
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
 
 @dataclass
@@ -351,6 +369,8 @@ class Config:
         self._validate_moe(e)
         self._validate_recompute_and_compile(e)
         self._validate_kernels(e)
+        for line in fp8_problems(self):
+            e.add(line)
         if s.decay != "constant" and s.min_lr > self.optimizer.lr:
             e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")
         if s.warmup_iters > t.iters:

@@ -33,6 +33,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, parse_split
 from pretrain.metrics import Metrics, model_flops_per_token, peak_tflops
 from pretrain.model import GPT, model_signature, padded_vocab_size
+from pretrain.model import fp8 as fp8_model
 from pretrain.objectives import next_token_loss
 from pretrain.schedule import learning_rate
 
@@ -128,6 +129,9 @@ class Trainer:
         cfg.validate(world_size)
         self.device = distributed.setup(cfg, world_size, rank)
         cfg, self.kept_torch = choose_kernels(cfg, self.device)
+        problem = fp8_model.device_problem(self.device) if cfg.precision.fp8.enabled else None
+        if problem:
+            raise ConfigError(f"precision.fp8.enabled=true: {problem}; or set precision.fp8.enabled=false")
         self.topology = topology = Topology.build(cfg.sizes(world_size), rank,
                                                   timeout=distributed.collective_timeout(cfg))
         self.is_main = rank == 0
@@ -168,14 +172,17 @@ class Trainer:
         self.link = StageLink(topology, (t.micro_batch_size, local_tokens, cfg.model.hidden_size),
                               dtype=torch.float32, device=self.device)
         self.model.init_parameters(cfg.run.seed)
+        self.fp8 = fp8_model.apply_fp8(self.model, cfg.precision.fp8, topology, num_layers=cfg.model.num_layers,
+                                       device=self.device)
         if cfg.train.compile:
             for layer in self.model.layers.values():
                 layer.compile()  # in place: the parameters keep their names (and their placements)
-        self.features = self.model.features()
+        self.features = self.model.features() + ([self.fp8] if self.fp8 is not None else [])
         self.grads = build_gradients(self.model, cfg, topology, device=self.device)
         self.optimizer = build_optimizer(self.grads, cfg, device=self.device)
         if self.resume_from:
-            meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology)
+            meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology,
+                                   fp8=self.fp8 if meta.get("fp8_state") == self.fp8_state() else None)
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
@@ -214,9 +221,21 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def autocast(self):
+        """The forward pass's precision: bf16 autocast, and within it the FP8 backend's context (TE's)."""
+        stack = contextlib.ExitStack()
         if self.cfg.precision.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.fp8 is not None:
+            stack.enter_context(self.fp8.autocast())
+        return stack
+
+    def fp8_state(self) -> str | None:
+        """What the FP8 state in a checkpoint depends on (None: this run keeps none): a resume loads the
+        checkpoint's only when it is the same, else the histories start afresh."""
+        f = self.cfg.precision.fp8
+        if self.fp8 is None or (f.backend == "torch" and f.recipe != "delayed"):
+            return None
+        return f"{f.backend}/{f.recipe}/{f.format}/{f.amax_history_len}"
 
     def stage_forward(self, tokens: torch.Tensor, received: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
         """One of this stage's chunks on a micro-batch [batch, seq + 1]: the first chunk of the model starts
@@ -359,12 +378,13 @@ class Trainer:
             "model_signature": model_signature(self.cfg.model),
             "data_signature": data_signature(self.cfg),
             "layout": self.layout(),
+            "fp8_state": self.fp8_state(),
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
         }
         path = checkpoint.save(
             self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, topology=self.topology, meta=meta,
-            keep_last=self.cfg.checkpoint.keep_last,
+            keep_last=self.cfg.checkpoint.keep_last, fp8=self.fp8,
         )
         self.last_saved = self.step
         if self.is_main:
@@ -382,7 +402,7 @@ class Trainer:
             + _indent(self.plan.report()),
             f"batch: {t.global_batch_size} sequences = {self.tokens_per_step:,} tokens per step, "
             f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
-            f"precision {self.cfg.precision.dtype}",
+            f"precision {fp8_model.describe(self.fp8, self.cfg.precision.dtype)}",
             f"layout: {self.topology.world_size} rank(s), TP{self.topology.tp} x CP{self.topology.cp} x "
             f"DP{self.topology.dp} x PP{self.topology.pp}"
             + (" with sequence parallelism" if self.topology.sequence_parallel else "")

@@ -51,6 +51,7 @@ class Experts(nn.Module):
         self.down = stack(hidden, ffn, 2)
         self.kind = moe.experts  # "grouped" is checked by the config: this torch has the op
         self.widths = (hidden, ffn // etp)
+        self.fp8 = None  # {"gate": ..., "up": ..., "down": ...}: FP8 grouped GEMMs, when the run enables them
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         """The grouped matmul needs rows of 16-byte multiples, and on CUDA bf16; its backward cannot take zero
@@ -77,18 +78,18 @@ class Experts(nn.Module):
     def _grouped(self, x: torch.Tensor, tokens_per_expert: list[int], probs: torch.Tensor) -> torch.Tensor:
         # the offsets go to the device without a host sync (a plain torch.tensor(..., device=) would wait)
         ends = to_device(torch.tensor(tokens_per_expert), x.device).cumsum(0).to(torch.int32)
-        weights = [w for w in (self.gate, self.up, self.down) if w is not None]
-        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover the grouped matmul
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
-        matmul = lambda a, w: F.grouped_mm(a, w.transpose(1, 2), offs=ends)  # noqa: E731
+        if self.fp8 is not None:  # FP8 GEMMs quantize the fp32 weights themselves (once per step)
+            matmul = lambda a, name: self.fp8[name](a, getattr(self, name), ends)  # noqa: E731
+        else:  # autocast does not cover the grouped matmul
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            matmul = lambda a, name: F.grouped_mm(a.to(dtype), getattr(self, name).to(dtype).transpose(1, 2),  # noqa: E731
+                                                  offs=ends)
         if self.swiglu:
-            gate, up, down = weights
-            h = F.silu(matmul(x, gate)) * matmul(x, up)
+            h = F.silu(matmul(x, "gate")) * matmul(x, "up")
         else:
-            up, down = weights
-            h = F.gelu(matmul(x, up), approximate="tanh")
-        return matmul(h * probs[:, None].to(h.dtype), down)
+            h = F.gelu(matmul(x, "up"), approximate="tanh")
+        return matmul(h * probs[:, None].to(h.dtype), "down")
 
 
 class MoE(nn.Module):

@@ -1,0 +1,155 @@
+"""FP8 in training (pretrain/model/fp8.py): layouts against one FP8 rank, convergence against bf16, exact resume,
+and the bad inputs, each one line.
+
+Tolerances of the layouts. Where a layout changes no arithmetic of the model (DP2, PP2: every rank computes
+whole micro-batches and whole layers), FP8 gives one rank's numbers up to fp32 summation order, as fp32
+does, and is held to the fp32 layout tolerances. Where it changes the order of bf16 sums (TP2 with SP: partial
+outputs added over TP; EP2: each expert's tokens gathered in another order), bf16 itself differs from one
+rank by ~3e-3 of a gradient's norm (measured), and FP8 amplifies that: a value moved by one bf16 step can
+cross to the next e5m2 value (2 mantissa bits, 12-25% apart), so gradients differ by up to ~5e-2 of their
+norm (measured 4.6e-2 on TP2 SP, 1.9e-3 on EP2) while losses stay within ~2e-4. The scales themselves are
+one rank's exactly: tests/test_fp8.py shows a TP2 layer's pieces equal to one rank's bit for bit.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from multirank import run_ranks
+from pretrain.config import ConfigError
+from pretrain.trainer import Trainer, train
+from test_parallel_equivalence import MOE, layout_config, run_layout
+from test_trainer import read_metrics
+
+FP8 = ("precision.dtype=bf16", "precision.fp8.enabled=true")
+EXACT = {"first": 1e-5, "grad": 1e-4, "loss": 1e-4}  # the fp32 layout tests' tolerances (elementwise)
+REORDERED = {"first": 1e-5, "grad": 0.1, "loss": 1e-3}  # gradients: relative to each tensor's norm
+
+LAYOUTS = {
+    "TP2 SP": (2, (), ["parallel.tensor=2", "parallel.sequence_parallel=true"], REORDERED),
+    "DP2 distributed optimizer": (2, (), ["optimizer.distributed=true"], EXACT),
+    "PP2": (2, (), ["parallel.pipeline=2"], EXACT),
+    "MoE EP2": (2, MOE, ["parallel.expert=2"], REORDERED),
+    # delayed scaling: the histories are reduced over the stage's ranks, so DP and PP keep one rank's scales
+    "DP2 delayed": (2, ("precision.fp8.recipe=delayed",), [], EXACT),
+    "PP2 delayed": (2, ("precision.fp8.recipe=delayed",), ["parallel.pipeline=2"], EXACT),
+    "TP2 SP rowwise": (2, ("precision.fp8.recipe=rowwise", "precision.fp8.format=e4m3"),
+                       ["parallel.tensor=2", "parallel.sequence_parallel=true"], REORDERED),
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_corpus):
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            cfg = layout_config(tmp_path_factory.mktemp("fp8ref"), tiny_corpus, *FP8, *model)
+            cache[model] = run_layout(0, 1, cfg)
+        return cache[model]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_an_fp8_layout_matches_one_fp8_rank(tmp_path, tiny_corpus, one_rank, layout):
+    world, model, overrides, tol = LAYOUTS[layout]
+    expected = one_rank(model)
+    results = run_ranks(world, run_layout, layout_config(tmp_path, tiny_corpus, *FP8, *model, *overrides))
+    assert math.isclose(results[0]["first_loss"], expected["first_loss"], rel_tol=tol["first"])
+    seen = set()
+    for result in results:
+        for name, grad in result["grads"].items():
+            want = expected["grads"][name]
+            if tol is EXACT:
+                torch.testing.assert_close(grad, want, rtol=tol["grad"], atol=1e-7, msg=lambda m: f"{name}: {m}")
+            else:
+                assert (grad - want).norm() <= tol["grad"] * want.norm() + 1e-7, name
+            seen.add(name)
+    assert seen == set(expected["grads"])
+    for k, (a, b) in enumerate(zip(results[0]["losses"], expected["losses"])):
+        assert math.isclose(a, b, rel_tol=tol["loss"]), f"step {k + 1}: {a} vs {b}"
+
+
+def test_fp8_trains_the_quickstart_model_like_bf16(tmp_path):
+    """100 steps of the quickstart model (the default config, on the embedded corpus): the mean loss of steps
+    81-100 in FP8 is within 2% of bf16's with the same seed."""
+    from pretrain.config_loading import load_config
+
+    means = {}
+    for name, extra in (("bf16", ()), ("fp8", ("precision.fp8.enabled=true",))):
+        cfg = load_config(None, [f"run.dir={tmp_path / name}", "train.iters=100", "eval.interval=0",
+                                 "checkpoint.interval=0", "checkpoint.save_at_end=false", "logging.interval=1",
+                                 "logging.tensorboard=false", "precision.dtype=bf16", *extra])
+        train(cfg)
+        losses = [r["loss"] for r in read_metrics(cfg) if 81 <= r["step"] <= 100]
+        assert len(losses) == 20
+        means[name] = sum(losses) / len(losses)
+    assert means["fp8"] == pytest.approx(means["bf16"], rel=0.02), means
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_an_fp8_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, recipe):
+    extra = (*FP8, f"precision.fp8.recipe={recipe}", "precision.fp8.amax_history_len=4")
+    full = tiny_config(tmp_path / "full", tiny_corpus, *extra)
+    train(full)
+    train(tiny_config(tmp_path / "part", tiny_corpus, *extra, "train.stop_at_step=3", "checkpoint.interval=0"))
+    rest = Trainer(tiny_config(tmp_path / "part", tiny_corpus, *extra, "checkpoint.interval=0"))
+    if recipe == "delayed":  # the histories came back from the checkpoint, not from zeros
+        histories = [g.history["input"] for g in rest.fp8.gemms.values()]
+        assert all(h[:3].gt(0).all() and h[3] == 0 for h in histories), histories
+    rest.run()
+    expected = [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(full)]
+    got = [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(rest.cfg)]
+    assert got == expected  # bitwise
+
+
+def test_a_bf16_checkpoint_resumes_in_fp8_with_fresh_histories(tmp_path, tiny_corpus, capsys):
+    train(tiny_config(tmp_path, tiny_corpus, "precision.dtype=bf16", "train.stop_at_step=3"))
+    trainer = Trainer(tiny_config(tmp_path, tiny_corpus, *FP8, "precision.fp8.recipe=delayed"))
+    assert trainer.step == 3
+    assert all(g.history["input"].eq(0).all() for g in trainer.fp8.gemms.values())
+
+
+def test_what_stays_in_bf16(tmp_path, tiny_corpus):
+    """The output layer, the embedding and the router always; the first / last layers and small GEMMs on request."""
+    cfg = tiny_config(tmp_path, tiny_corpus, *FP8, "model.num_layers=4", "precision.fp8.bf16_first_layers=1",
+                      "precision.fp8.bf16_last_layers=1", "precision.fp8.min_weight_elements=2048", *MOE)
+    trainer = Trainer(cfg)
+    names = set(trainer.fp8.gemms)
+    # layers 1 and 2 only; attention.out [32, 32] = 1024 elements is below the threshold; qkv [64, 32] is not
+    assert names == {f"layers.{i}.{g}" for i in (1, 2) for g in (
+        "attention.qkv", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down")}
+    assert trainer.model.output.fp8 is None and "FP8 torch tensorwise hybrid" in trainer.describe()
+
+
+BAD = {
+    "precision.dtype=fp32": ((), "needs precision.dtype=bf16"),
+    "rowwise with hybrid": (("precision.fp8.recipe=rowwise",), "set precision.fp8.format=e4m3"),
+    "a TE recipe on torch": (("precision.fp8.recipe=blockwise", "precision.fp8.format=e4m3"),
+                             "not a recipe of precision.fp8.backend=torch"),
+    "a weight not a multiple of 16": (("model.ffn_hidden_size=72",), "layers.*.mlp.up (and gate) is [72, 32]"),
+    "tokens not a multiple of 16": (("model.seq_length=12",), "= 24 tokens per rank"),
+    "every layer in bf16": (("precision.fp8.bf16_first_layers=2",), "keeps all 2 layers in bf16"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_fp8_configs_name_the_field(tmp_path, tiny_corpus, case):
+    extra, fragment = BAD[case]
+    base = ("precision.fp8.enabled=true",) if case == "precision.dtype=fp32" else FP8
+    with pytest.raises(ConfigError, match="precision.fp8") as err:
+        tiny_config(tmp_path, tiny_corpus, *base, *extra).validate()
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_gpu_without_fp8_tensor_cores_is_refused(monkeypatch):
+    from pretrain.model import fp8 as fp8_model
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    problem = fp8_model.device_problem(torch.device("cuda", 0))
+    assert "A100, compute capability 8.0" in problem and "8.9" in problem
+    assert fp8_model.device_problem(torch.device("cpu")) is None
