@@ -35,6 +35,11 @@ Decisions, and why:
 - With current scaling (`tensorwise`, `blockwise`) TE scales what this rank holds: a row-parallel input and
   each weight shard get their own scale, so a TP layout matches one rank up to FP8 rounding, where the torch
   backend reduces amaxes and matches it exactly.
+- What the wiring must know: TE's FP8 state lives in its autocast, which a recomputed forward
+  (torch.utils.checkpoint) does not re-enter unless the recomputed function enters it itself (else the
+  recompute runs in bf16), and TE's GEMMs are not aten ops, so the selective policy cannot save them. TE's
+  modules are a graph break for torch.compile (`no_torch_dynamo`), and an autocast with DelayedScaling
+  entered inside a compiled region raises.
 - Checkpoints: TE's `get_extra_state()` (a uint8 tensor, empty for stateless recipes) is stored as `bytes`,
   a variable-size object torch.distributed.checkpoint can hold. Recent TE (PR #3123) refuses to unpickle
   delayed-scaling state unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1; that refusal comes back as a TeError.
