@@ -193,10 +193,12 @@ def _linear_kwargs(weight: torch.Tensor, *, name: str) -> dict:
 
 class TeLinear:
     """y = x W^T for one layer, by TE's `Linear` computing with the layer's own parameter W [N, K] (this rank's
-    shard). `name`: the layer's module name, for TE's logs and for errors."""
+    shard). `name`: the layer's module name, for TE's logs and for errors. `stateful`: the recipe keeps state
+    (delayed scaling), so `state_dict` names its extra state even before TE has any: a fresh run's dict is
+    the template a resume loads the checkpoint's state into."""
 
-    def __init__(self, te, weight: torch.nn.Parameter, *, name: str):
-        self.name = name
+    def __init__(self, te, weight: torch.nn.Parameter, *, name: str, stateful: bool = False):
+        self.name, self.stateful = name, stateful
         self.module = te.pytorch.Linear(**_linear_kwargs(weight, name=name))  # a plain attribute: no submodule
         self.module.register_parameter("weight", weight)
         self._first = True
@@ -221,7 +223,7 @@ class TeLinear:
     def state_dict(self) -> dict[str, bytes]:
         """TE's extra state (delayed scaling's scales and amax histories) as bytes; empty for stateless recipes."""
         state = self.module.get_extra_state()
-        return {"extra_state": state.detach().cpu().numpy().tobytes()} if state.numel() else {}
+        return {"extra_state": state.detach().cpu().numpy().tobytes()} if state.numel() or self.stateful else {}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = sorted(set(state) - {"extra_state"})

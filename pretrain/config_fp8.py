@@ -19,9 +19,17 @@ def config_problems(cfg) -> list[str]:
     if f.recipe not in RECIPES[f.backend]:
         lines.append(f"precision.fp8.recipe={f.recipe} is not a recipe of precision.fp8.backend={f.backend}: choose "
                      f"one of {', '.join(RECIPES[f.backend])}")
-    if f.recipe in ("rowwise", "blockwise") and f.format != "e4m3":
-        lines.append(f"precision.fp8.recipe={f.recipe} scales gradients in e4m3 (the only format its kernels "
-                     "take): set precision.fp8.format=e4m3")
+    if f.recipe == "rowwise" and f.format != "e4m3":
+        lines.append("precision.fp8.recipe=rowwise scales gradients in e4m3 (torch's rowwise kernel takes no "
+                     "e5m2): set precision.fp8.format=e4m3")
+    if f.backend == "te" and cfg.model.recompute != "none":
+        lines.append(f"precision.fp8.backend=te with model.recompute={cfg.model.recompute}: a recomputed layer runs "
+                     "outside Transformer Engine's autocast, so its FP8 GEMMs would not recompute what the forward "
+                     "computed; use precision.fp8.backend=torch, or model.recompute=none")
+    if f.backend == "te" and cfg.train.compile:
+        lines.append("precision.fp8.backend=te with train.compile=true: TE's modules are a graph break and its "
+                     "delayed-scaling autocast raises inside compiled code; use precision.fp8.backend=torch "
+                     "(compiled with the layers), or train.compile=false")
     if f.amax_history_len < 1:
         lines.append(f"precision.fp8.amax_history_len={f.amax_history_len}: must be at least 1")
     if f.margin < 0:

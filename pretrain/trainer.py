@@ -129,9 +129,11 @@ class Trainer:
         cfg.validate(world_size)
         self.device = distributed.setup(cfg, world_size, rank)
         cfg, self.kept_torch = choose_kernels(cfg, self.device)
-        problem = fp8_model.device_problem(self.device) if cfg.precision.fp8.enabled else None
-        if problem:
-            raise ConfigError(f"precision.fp8.enabled=true: {problem}; or set precision.fp8.enabled=false")
+        f = cfg.precision.fp8
+        problem = fp8_model.device_problem(self.device, f.backend) if f.enabled else None
+        if problem:  # before any heavy work
+            raise ConfigError(f"precision.fp8.enabled=true with backend={f.backend}: {problem}; or set "
+                              "precision.fp8.enabled=false")
         self.topology = topology = Topology.build(cfg.sizes(world_size), rank,
                                                   timeout=distributed.collective_timeout(cfg))
         self.is_main = rank == 0

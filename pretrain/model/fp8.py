@@ -39,8 +39,18 @@ def fp8_layers(num_layers: int, fp8_cfg) -> range:
     return range(fp8_cfg.bf16_first_layers, num_layers - fp8_cfg.bf16_last_layers)
 
 
-def device_problem(device: torch.device) -> Optional[str]:
-    """Why FP8 GEMMs cannot run on `device`, or None (the CPU runs torch's CPU kernel)."""
+def device_problem(device: torch.device, backend: str = "torch") -> Optional[str]:
+    """Why FP8 GEMMs of `backend` cannot run on `device`, or None (the CPU runs torch's CPU kernel; Transformer
+    Engine, CUDA only, is then asked whether it imports)."""
+    if backend == "te":
+        from parallel import te_backend
+
+        if device.type != "cuda":
+            return (f"Transformer Engine runs on CUDA devices only (this rank has {device.type}): use "
+                    "precision.fp8.backend=torch")
+        status = te_backend.load()
+        if not status.available:
+            return status.reason
     if not hasattr(torch, "_scaled_mm"):
         return f"this torch ({torch.__version__}) has no scaled matmul (torch._scaled_mm)"
     if device.type == "cuda":
@@ -108,7 +118,7 @@ def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
     if fp8_cfg.backend == "te":
         from parallel import te_backend
 
-        te = te_backend.require()  # a ConfigError naming why TE is not usable
+        te = te_backend.require()  # the trainer checked it (device_problem): a TeError would name why
         te_recipe = te_backend.make_recipe(te, recipe=fp8_cfg.recipe, format=fp8_cfg.format,
                                            amax_history_len=fp8_cfg.amax_history_len,
                                            amax_compute_algo=fp8_cfg.amax_compute_algo, margin=fp8_cfg.margin)
@@ -127,7 +137,7 @@ def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
                 continue
             kind = "column" if isinstance(module, ColumnParallelLinear) else "row"
             if te is not None:
-                module.fp8 = te_backend.TeLinear(te, module.weight, name=name)
+                module.fp8 = te_backend.TeLinear(te, module.weight, name=name, stateful=fp8_cfg.recipe == "delayed")
             else:
                 module.fp8 = torch_fp8.Fp8Linear(recipe, kind=kind, weight_group=topology.tp_group,
                                                  batch_group=topology.groups["tp-cp"], name=name, device=device)
