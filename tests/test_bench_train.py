@@ -156,3 +156,19 @@ def test_the_presets_run_shrunk_on_the_cpu(name, capsys):
     assert bench_train.main([path, *shrink, "--warmup", "0", "--steps", "1"]) == 0
     rows = rows_of(capsys.readouterr().out)
     assert set(rows) == ({"foldtron"} if name == "moe_1b" or not HAS_TRANSFORMERS else {"foldtron", "baseline"})
+
+
+def test_fp8_rows_next_to_bf16_and_a_backend_that_cannot_run_gets_a_note(tmp_path, tiny_corpus, capsys):
+    out_json = tmp_path / "bench.json"
+    code = bench_train.main([config_file(tmp_path, tiny_corpus), "data.synthetic=true", "precision.dtype=bf16",
+                             "--warmup", "1", "--steps", "2", "--no-baseline", "--fp8", "torch,te",
+                             "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("foldtron FP8 torch"))
+    assert len(row.split()) == len(bench_train.COLUMNS) + 2  # the name is three words
+    assert re.search(r"FP8 torch: \d+\.\d\dx the tokens/s of foldtron bf16, last loss [+-]\d+\.\d\d%", out)
+    assert "FP8 te: not measured (precision.fp8.enabled=true with backend=te: Transformer Engine runs on CUDA" in out
+    report = json.loads(out_json.read_text())
+    assert KEYS <= set(report["fp8"]["torch"]) and set(report["fp8_notes"]) == {"te"}
+    assert report["fp8"]["torch"]["params"] == report["foldtron"]["params"]

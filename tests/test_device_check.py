@@ -35,7 +35,9 @@ def test_report_lists_foldtron_baseline_and_the_memory_estimate():
         "tests": {"tail": ["12 passed"], "seconds": 60.0},
         "benchmarks": [
             {"name": "gpt2_small", "returncode": 0, "log": "bench_gpt2_small.log",
-             "bench": {"foldtron": row, "baseline": {**row, "tokens_per_sec": 300_000.0}, "baseline_note": None},
+             "bench": {"foldtron": row, "baseline": {**row, "tokens_per_sec": 300_000.0}, "baseline_note": None,
+                       "fp8": {"torch": {**row, "tokens_per_sec": 520_000.0}},
+                       "fp8_notes": {"te": "transformer_engine is not installed"}},
              "estimate": {"memory_per_rank": [{"total": 19.0 * 2**30}]}},
             {"name": "moe_1b", "returncode": 1, "log": "bench_moe_1b.log", "bench": None, "estimate": None},
         ],
@@ -47,4 +49,7 @@ def test_report_lists_foldtron_baseline_and_the_memory_estimate():
     assert "124M" in foldtron and "400,000" in foldtron and "30.3%" in foldtron and "20.5" in foldtron
     assert "19.0" in foldtron and "0.10%" in foldtron
     assert any(line.startswith("gpt2_small") and "baseline" in line and "300,000" in line for line in lines)
+    assert any(line.startswith("gpt2_small") and "FP8 torch" in line and "520,000" in line for line in lines)
+    assert any(line.startswith("gpt2_small") and "FP8 te: transformer_engine is not installed" in line
+               for line in lines)
     assert any(line.startswith("moe_1b") and "failed (1, see bench_moe_1b.log)" in line for line in lines)

@@ -8,7 +8,9 @@ count of pretrain/metrics.py), peak CUDA memory, the share of the step time spen
 inside the loader's `next_step`, the host waiting for the prefetch thread: on CUDA the device may still be
 busy with the previous step meanwhile, so this bounds what data costs from above) and the step time.
 `--peak-tflops X` gives the MFU where the device is not in pretrain/metrics.py's table (the CPU, say);
-`--no-baseline` leaves the baseline out.
+`--no-baseline` leaves the baseline out. `--fp8 torch,te` adds a row per FP8 backend: the same config with
+`precision.dtype=bf16` and `precision.fp8` on, measured the same way in the same process, with its speed
+and last loss relative to foldtron's first row (a backend that cannot run here gets a note instead).
 
 The baseline, in the same process and on the same device, is the same-shape model as Hugging Face
 `transformers.LlamaForCausalLM` (SDPA attention, fp32 weights under bf16 autocast when foldtron runs
@@ -43,7 +45,7 @@ import torch
 from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, parse_command, print_error
 
 USAGE = ("usage: python -m tools.bench_train CONFIG.yaml [section.key=value ...] [--warmup N] [--steps M] "
-         "[--json PATH] [--peak-tflops X] [--no-baseline]")
+         "[--json PATH] [--peak-tflops X] [--no-baseline] [--fp8 torch,te]")
 COLUMNS = ("", "params", "tokens/s", "TFLOP/s/device", "MFU", "peak GiB", "data wait", "step ms")
 
 
@@ -54,12 +56,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--fp8", default="", help="backends to measure in FP8 too, comma-separated: torch,te")
     parser.add_argument("args", nargs="*")
     args = parser.parse_intermixed_args(argv)
     args.path, args.overrides = config_and_overrides(args.args)
     if args.warmup < 0 or args.steps < 1:
         raise UsageError(f"--warmup {args.warmup} --steps {args.steps}: warm-up steps must be 0 or more and timed "
                          "steps at least 1")
+    args.fp8 = [b for b in args.fp8.split(",") if b]
+    if set(args.fp8) - {"torch", "te"}:
+        raise UsageError(f"--fp8 {','.join(args.fp8)}: the backends are torch and te (comma-separated)")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise UsageError(f"--peak-tflops {args.peak_tflops}: must be a positive number")
     return args
@@ -267,6 +273,7 @@ def _cells(name: str, row: dict) -> list[str]:
 def table(report: dict) -> str:
     """The report as text: what was run, then one row per model (a note where the baseline did not run)."""
     cells = [list(COLUMNS), _cells("foldtron", report["foldtron"])]
+    cells += [_cells(f"foldtron FP8 {backend}", row) for backend, row in report["fp8"].items()]
     if report["baseline"] is not None:
         cells.append(_cells("baseline", report["baseline"]))
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
@@ -281,30 +288,61 @@ def table(report: dict) -> str:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     if report["baseline_note"]:
         lines.append(f"baseline: {report['baseline_note']}")
+    for backend, row in report["fp8"].items():
+        speed = row["tokens_per_sec"] / report["foldtron"]["tokens_per_sec"]
+        loss = row["last_loss"] / report["foldtron"]["last_loss"] - 1
+        lines.append(f"FP8 {backend}: {speed:.2f}x the tokens/s of foldtron {report['dtype']}, last loss {loss:+.2%}")
+    for backend, why in report["fp8_notes"].items():
+        lines.append(f"FP8 {backend}: not measured ({why})")
     peak = report["peak_tflops"]
     lines.append(f"MFU against {peak:g} TFLOP/s per device" if peak else
                  "MFU: - (the device's peak is unknown: pass --peak-tflops)")
     return "\n".join(lines)
 
 
+def measure_foldtron(args: argparse.Namespace, overrides: list[str], world_size: int, rank: int):
+    """foldtron's measurement of the config with `overrides`, in a temporary run folder."""
+    run_dir = tempfile.mkdtemp(prefix="bench_train-")
+    try:
+        cfg = bench_config(args.path, overrides, run_dir=run_dir, steps=args.warmup + args.steps)
+        if cfg.train.compile and not args.warmup:
+            raise UsageError("--warmup 0 with train.compile=true would time the compilation: warm up at least 1 step")
+        return run_foldtron(cfg, world_size, rank, warmup=args.warmup, steps=args.steps)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def measure_fp8(args: argparse.Namespace, world_size: int, rank: int, *, shape: dict, device: torch.device
+                ) -> tuple[dict, dict]:
+    """The config again in FP8 (bf16 autocast around it) for each backend of `--fp8`: rows by backend, and why a
+    backend has none (Transformer Engine not usable here, say)."""
+    rows, notes = {}, {}
+    for backend in args.fp8:
+        overrides = [*args.overrides, "precision.dtype=bf16", "precision.fp8.enabled=true",
+                     f"precision.fp8.backend={backend}"]
+        try:
+            measured, _ = measure_foldtron(args, overrides, world_size, rank)
+        except USER_ERRORS as err:
+            notes[backend] = str(err).splitlines()[0]
+            continue
+        finally:
+            release(device)
+        rows[backend] = measured.row(**shape)
+    return rows, notes
+
+
 def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
     """Both measurements and the report (the same on every rank; rank 0's numbers)."""
     from pretrain.metrics import model_flops_per_token, peak_tflops
 
-    run_dir = tempfile.mkdtemp(prefix="bench_train-")
-    try:
-        cfg = bench_config(args.path, args.overrides, run_dir=run_dir, steps=args.warmup + args.steps)
-        if cfg.train.compile and not args.warmup:
-            raise UsageError("--warmup 0 with train.compile=true would time the compilation: warm up at least 1 step")
-        foldtron, ctx = run_foldtron(cfg, world_size, rank, warmup=args.warmup, steps=args.steps)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    foldtron, ctx = measure_foldtron(args, args.overrides, world_size, rank)
     cfg, device = ctx["cfg"], ctx["device"]
     release(device)
     m, t = cfg.model, cfg.train
     peak = peak_tflops(device, cfg.precision.dtype, args.peak_tflops or cfg.logging.peak_tflops)
     shape = {"tokens_per_step": t.global_batch_size * m.seq_length, "devices": world_size,
              "flops_per_token": model_flops_per_token(m, ctx["vocab_size"]), "peak": peak}
+    fp8_rows, fp8_notes = measure_fp8(args, world_size, rank, shape=shape, device=device)
     # what foldtron left allocated, counted in the baseline's peak (0 unless something holds on to its tensors)
     left_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     baseline, note = None, baseline_problem(cfg, world_size)
@@ -330,6 +368,7 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
         "flops_per_token": shape["flops_per_token"], "peak_tflops": peak, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "description": ctx["description"], "foldtron": foldtron.row(**shape),
         "baseline": baseline, "baseline_note": note, "cuda_memory_left_by_foldtron_gib": left_gib,
+        "fp8": fp8_rows, "fp8_notes": fp8_notes,
     }
 
 

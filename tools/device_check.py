@@ -1,11 +1,13 @@
 """`python -m tools.device_check OUT_DIR`: everything that needs a GPU, in one command, sized for one H100/H200.
 
-1. The test files with tests that need CUDA (skipped on the CPU): bf16 autocast, the grouped expert matmul in
-   bf16, the fused attention kernels under context parallelism, recomputation's memory, compilation, the sync-free
-   dense and MoE steps, NCCL at one rank, gloo with CUDA tensors on two ranks of the one GPU, apex's kernels.
+1. The test files with tests that need CUDA (skipped on the CPU): bf16 autocast, FP8 on the real kernels, the
+   grouped expert matmul in bf16, the fused attention kernels under context parallelism, recomputation's memory,
+   compilation, the sync-free dense and MoE steps, NCCL at one rank, gloo with CUDA tensors on two ranks of the
+   one GPU, apex's kernels.
 2. `tools.bench_train` on the GPU presets (examples/gpt2_small.yaml, llama_1b.yaml, moe_1b.yaml) against the Hugging
    Face Llama baseline, compiled, one micro-batch per step; the 1B preset again with `model.recompute=full`
-   (not compiled) and a 4x larger micro-batch.
+   (not compiled) and a 4x larger micro-batch; the compiled 1B preset in FP8 too (`--fp8 torch,te`: each
+   backend that runs here), next to its bf16 row.
 3. The memory estimate of `python -m launch --dry-run` next to the measured peak of each benchmark.
 
 Writes OUT_DIR/device_check.json (every number) and OUT_DIR/report.txt (the tables), and prints the report. Each
@@ -27,8 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ("gpt2_small", "llama_1b", "moe_1b")
 # Time limits: tests, and each of the four benchmarks with its estimate, add up to the device's 10 minutes
-# per command at worst (expected: well under 8).
-TESTS_SECONDS, BENCH_SECONDS, ESTIMATE_SECONDS = 120, 100, 20
+# per command at worst (expected: well under 8). The compiled 1B one measures FP8 too, a second model.
+TESTS_SECONDS, ESTIMATE_SECONDS = 100, 15
+BENCH_SECONDS = {"gpt2_small": 100, "llama_1b": 160, "moe_1b": 100, "llama_1b_recompute": 80}
 
 
 def run(command: list[str], *, timeout: float, log: Path) -> dict:
@@ -84,6 +87,7 @@ def benchmarks(presets: list[str], *, steps: int, out: Path) -> list[dict]:
     recomputation is for: fitting it."""
     runs = [(name, f"examples/{name}.yaml", ["train.compile=true", f"train.global_batch_size={micro_batch(name)}"])
             for name in presets]
+    fp8 = {"llama_1b": ["--fp8", "torch,te"]}  # bf16 and FP8 (each backend that runs) on the same preset
     if "llama_1b" in presets:
         micro = 4 * micro_batch("llama_1b")
         runs.append(("llama_1b_recompute", "examples/llama_1b.yaml",
@@ -91,8 +95,8 @@ def benchmarks(presets: list[str], *, steps: int, out: Path) -> list[dict]:
     results = []
     for name, config, overrides in runs:
         bench_json, estimate_json = out / f"bench_{name}.json", out / f"estimate_{name}.json"
-        step = run([sys.executable, "-m", "tools.bench_train", config, *overrides, "--warmup", "3",
-                    "--steps", str(steps), "--json", str(bench_json)], timeout=BENCH_SECONDS,
+        step = run([sys.executable, "-m", "tools.bench_train", config, *overrides, *fp8.get(name, []), "--warmup",
+                    "3", "--steps", str(steps), "--json", str(bench_json)], timeout=BENCH_SECONDS[name],
                    log=out / f"bench_{name}.log")
         run([sys.executable, "-m", "launch", "--dry-run", config, *overrides, "--world-size", "1",
              "--json", str(estimate_json)], timeout=ESTIMATE_SECONDS, log=out / f"estimate_{name}.log")
@@ -120,8 +124,9 @@ def report(results: dict) -> str:
     for b in results.get("benchmarks", []):
         bench, estimate = b["bench"] or {}, b["estimate"] or {}
         guess = estimate.get("memory_per_rank", [{}])[0].get("total")
-        for who in ("foldtron", "baseline"):
-            row = bench.get(who)
+        fp8 = {f"FP8 {backend}": row for backend, row in bench.get("fp8", {}).items()}
+        for who in ("foldtron", *fp8, "baseline"):
+            row = fp8[who] if who in fp8 else bench.get(who)
             if not row:
                 if who == "foldtron":
                     rows.append((b["name"], who, "-", f"failed ({b['returncode']}, see {b['log']})", "", "", "", "",
@@ -132,6 +137,8 @@ def report(results: dict) -> str:
                          _num(row.get("peak_memory_gib"), "{:.1f}"),
                          _num(guess / 2**30 if guess and who == "foldtron" else None, "{:.1f}"),
                          _num(row.get("data_wait_fraction"), "{:.2%}")))
+        for backend, why in bench.get("fp8_notes", {}).items():
+            rows.append((b["name"], f"FP8 {backend}: {why}", "", "", "", "", "", "", ""))
         if bench.get("baseline_note"):
             rows.append((b["name"], f"baseline: {bench['baseline_note']}", "", "", "", "", "", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
