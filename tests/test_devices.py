@@ -191,9 +191,13 @@ def synchronising_calls(rank, world, cfg):
 
 
 @cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8 tensorwise", "fp8 delayed"])
 def test_a_dense_step_issues_no_host_sync(tmp_path, tiny_corpus, precision):
-    cfg = gpu_config(tmp_path / "run", tiny_corpus, f"precision.dtype={precision}")
+    if precision.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    fp8 = (["precision.dtype=bf16", "precision.fp8.enabled=true", f"precision.fp8.recipe={precision.split()[1]}"]
+           if precision.startswith("fp8") else [f"precision.dtype={precision}"])
+    cfg = gpu_config(tmp_path / "run", tiny_corpus, *fp8)
     (result,) = run_ranks(1, synchronising_calls, cfg, start_method="spawn")
     assert torch.isfinite(torch.tensor(result["loss"])) and result["waits"] == 0
     assert result["optimizer_syncs"] == []
