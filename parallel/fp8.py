@@ -253,7 +253,10 @@ class Fp8Linear(Fp8Gemm):
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         self._training = torch.is_grad_enabled()  # read here: inside the autograd function's forward it is off
-        return _Fp8Matmul.apply(x, weight, self, *self.weight_forms(weight))
+        # autocast would round the fp32 scales to bf16 on their way into the scaled matmul (the CPU's autocast
+        # lists it): every dtype here is explicit instead
+        with torch.autocast(x.device.type, enabled=False):
+            return _Fp8Matmul.apply(x, weight, self, *self.weight_forms(weight))
 
     # --------------------------------------------------------------- delayed scaling: once per step
 
@@ -360,7 +363,8 @@ class Fp8GroupedLinear(Fp8Gemm):
         return self._cache
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        return _Fp8GroupedMatmul.apply(x, weight, ends, self, *self.weight_forms(weight))
+        with torch.autocast(x.device.type, enabled=False):  # as in Fp8Linear
+            return _Fp8GroupedMatmul.apply(x, weight, ends, self, *self.weight_forms(weight))
 
 
 class _Fp8GroupedMatmul(torch.autograd.Function):

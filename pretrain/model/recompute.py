@@ -33,6 +33,9 @@ _SAVED = {  # outputs that `selective` keeps: the expensive ones
 }
 if hasattr(_aten, "_grouped_mm"):
     _SAVED.add(_aten._grouped_mm.default)
+for _name in ("_scaled_mm", "_scaled_grouped_mm"):  # the FP8 GEMMs (parallel/fp8.py)
+    if hasattr(_aten, _name):
+        _SAVED.add(getattr(_aten, _name).default)
 
 
 def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
