@@ -88,6 +88,7 @@ class Metrics:
         self, run_dir: str, *, total_steps: int, tokens_per_step: int, tensorboard: bool, enabled: bool = True,
         resume_step: Optional[int] = None, loss_window: Optional[list[float]] = None, devices: int = 1,
         flops_per_token: Optional[float] = None, peak_tflops: Optional[float] = None, device=None,
+        precision: str = "fp32",
     ):
         """`resume_step`: continuing a run, whose records up to that step are kept (later ones, from a run that
         went on past its last checkpoint, are dropped); `loss_window`: the losses of its unfinished logging window.
@@ -96,6 +97,7 @@ class Metrics:
         self.total_steps, self.tokens_per_step, self.enabled = total_steps, tokens_per_step, enabled
         self.devices, self.flops_per_token, self.peak_tflops = devices, flops_per_token, peak_tflops
         self.cuda = device if getattr(device, "type", None) == "cuda" else None
+        self.precision = precision  # "fp32", "bf16" or "fp8 <backend> <recipe> <format>": on every record
         self.start_time = time.perf_counter()
         self.window_losses: list[float] = list(loss_window or [])
         self.window_steps, self.window_time = 0, 0.0  # steps timed in this process, for throughput
@@ -141,7 +143,7 @@ class Metrics:
         if not self.window_losses:
             return
         loss = sum(self.window_losses) / len(self.window_losses)
-        record = {"step": step, "loss": loss, **values}
+        record = {"step": step, "loss": loss, **values, "precision": self.precision}
         if self.window_steps:  # none when the window held only the compiling step
             record.update(self.throughput(self.tokens_per_step * self.window_steps / max(self.window_time, 1e-9)))
         record.update(self.memory())
@@ -178,6 +180,8 @@ class Metrics:
             + (f"{record['tokens_per_sec']:,.0f} tok/s" if "tokens_per_sec" in record else "compiling")
             + f" | elapsed {_duration(elapsed)} | eta {_duration(eta)}"
         )
+        if self.precision != "fp32":
+            line += f" | {self.precision}"
         if "mfu" in record:  # where the device's peak is known (metrics.jsonl has the TFLOP/s always)
             line += f" | {record['tflops_per_device']:.1f} TFLOP/s/device MFU {record['mfu']:.1%}"
         if "memory_allocated_gib" in record:

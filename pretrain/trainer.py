@@ -182,9 +182,11 @@ class Trainer:
         self.features = self.model.features() + ([self.fp8] if self.fp8 is not None else [])
         self.grads = build_gradients(self.model, cfg, topology, device=self.device)
         self.optimizer = build_optimizer(self.grads, cfg, device=self.device)
+        # FP8 state loads only into the same kind; else (bf16 -> FP8, another recipe) the histories start afresh
+        self.fp8_afresh = bool(self.resume_from and self.fp8_state() and meta.get("fp8_state") != self.fp8_state())
         if self.resume_from:
             meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology,
-                                   fp8=self.fp8 if meta.get("fp8_state") == self.fp8_state() else None)
+                                   fp8=None if self.fp8_afresh else self.fp8)
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
@@ -203,6 +205,7 @@ class Trainer:
             flops_per_token=model_flops_per_token(cfg.model, vocab_size),
             peak_tflops=peak_tflops(self.device, cfg.precision.dtype, cfg.logging.peak_tflops),
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
+            precision=fp8_model.precision_label(cfg.precision) if self.fp8 is not None else cfg.precision.dtype,
         )
 
     def layout(self) -> dict:
@@ -419,6 +422,8 @@ class Trainer:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
+        if self.fp8_afresh:
+            lines.append(f"FP8: the checkpoint holds no {self.fp8_state()} state; the amax histories start afresh")
         if self.step >= t.iters:
             lines.append(
                 f"train.iters={t.iters} is already reached: nothing to train "

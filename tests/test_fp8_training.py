@@ -104,6 +104,7 @@ def test_an_fp8_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_c
     expected = [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(full)]
     got = [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(rest.cfg)]
     assert got == expected  # bitwise
+    assert {r["precision"] for r in read_metrics(full)} == {f"fp8 torch {recipe} hybrid"}
 
 
 def test_a_bf16_checkpoint_resumes_in_fp8_with_fresh_histories(tmp_path, tiny_corpus, capsys):
@@ -111,6 +112,10 @@ def test_a_bf16_checkpoint_resumes_in_fp8_with_fresh_histories(tmp_path, tiny_co
     trainer = Trainer(tiny_config(tmp_path, tiny_corpus, *FP8, "precision.fp8.recipe=delayed"))
     assert trainer.step == 3
     assert all(g.history["input"].eq(0).all() for g in trainer.fp8.gemms.values())
+    trainer.run()
+    out = capsys.readouterr().out
+    assert "| fp8 torch delayed hybrid" in out  # the console line names the precision
+    assert "holds no torch/delayed/hybrid/1024 state; the amax histories start afresh" in out
 
 
 def test_what_stays_in_bf16(tmp_path, tiny_corpus):

@@ -172,6 +172,12 @@ def _experts_problem(experts: Experts, device: torch.device) -> Optional[str]:
     return None
 
 
+def precision_label(precision_cfg) -> str:
+    """How the console line and metrics.jsonl name an FP8 run's precision."""
+    f = precision_cfg.fp8
+    return f"fp8 {f.backend} {f.recipe} {f.format}"
+
+
 def describe(feature: Optional[Fp8Feature], dtype: str) -> str:
     """The precision as the run's description and console line show it."""
     return dtype if feature is None else f"{dtype} + {feature.description}"
