@@ -152,3 +152,11 @@ def test_torchrun_matches_one_rank(tmp_path, tiny_corpus):
             return [json.loads(line)["loss"] for line in f]
 
     assert losses("four") == pytest.approx(losses("one"), rel=1e-5)
+
+
+def test_fp8_that_cannot_run_here_is_one_line(tmp_path, tiny_corpus):
+    result = run(*tiny_args(tmp_path, tiny_corpus), "precision.dtype=bf16", "precision.fp8.enabled=true",
+                 "precision.fp8.backend=te")
+    assert_one_line_error(result, "precision.fp8.enabled=true with backend=te", "Transformer Engine runs on CUDA")
+    result = run(*tiny_args(tmp_path, tiny_corpus), "precision.fp8.enabled=true")
+    assert_one_line_error(result, "needs precision.dtype=bf16")
