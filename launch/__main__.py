@@ -120,6 +120,9 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
         + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else "")
         + (", with the bf16 weight copies autocast keeps" if element_bytes < WEIGHT_BYTES else ""),
     ]
+    if cfg.precision.fp8.enabled:  # the FP8 layers keep two e4m3 copies of a weight (2 bytes, as bf16's one)
+        lines.append("  FP8 counted as bf16: an over-estimate, as its linear layers save their inputs in one byte "
+                     "(tensorwise, delayed)")
     for c in counts:
         dense = state_bytes(c.total - c.expert, WEIGHT_BYTES, shards)
         experts = state_bytes(c.expert, WEIGHT_BYTES, sizes.edp if sharded else 1)

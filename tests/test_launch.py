@@ -317,3 +317,11 @@ def test_dry_run_writes_the_memory_estimate_as_json(capsys, tmp_path):
         assert r["total"] == sum(r[k] for k in parts) and r["weights"] == 4 * r["parameters"]
         shown = f"stage {r['stage']} tp rank {r['tp_rank']}: weights {human_bytes(r['weights'])}"
         assert shown in out and out.split(shown)[1].split("\n")[0].endswith(f"= {human_bytes(r['total'])}")
+
+
+def test_dry_run_validates_fp8_and_says_how_it_counts_it(capsys):
+    code, out, err = dry_run(capsys, "precision.dtype=bf16", "precision.fp8.enabled=true", "--world-size", "1")
+    assert code == 0, err
+    assert "FP8 counted as bf16: an over-estimate" in out
+    code, out, err = dry_run(capsys, "precision.fp8.enabled=true", "--world-size", "1")  # fp32: refused
+    assert code != 0 and "needs precision.dtype=bf16" in err
