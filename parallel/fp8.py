@@ -28,9 +28,10 @@ begins and after the optimizer step).
 
 The scale of a tensor is that of the whole logical tensor, whatever the layout: a weight's amax is
 reduced over its tensor group (TP, ETP for experts), an activation's or gradient's over the ranks that
-hold pieces of the same micro-batch (TP x CP: sequence-parallel inputs before their gather, so the
-gathered copies share one scale), a row's over the tensor group where the row is split. Then an FP8
-layout computes what one FP8 rank computes, up to fp32 summation order.
+hold pieces of it (TP x CP where TP splits it, CP where it is the same on every TP rank: a sequence-parallel
+input is gathered in bf16 before it is quantized, so its amax is already the whole sequence's; FP8
+all-gathers are not used), a row's over the tensor group where the row is split. Then an FP8 layer on a
+layout computes, bit for bit, the pieces one FP8 rank computes (partial sums aside, which TP adds).
 
 The CUDA kernel's rules (row-major first operand, column-major second, dimensions multiples of 16,
 fp32 scales of the right shapes) are checked here on every device: the CPU kernel accepts more, and
@@ -111,9 +112,13 @@ def _column_major(t: torch.Tensor) -> bool:
 
 
 def check_cuda_rules(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
-                     what: str) -> None:
-    """What CUDA's `_scaled_mm` (2-D b) and `_scaled_grouped_mm` (3-D b) demand, on any device."""
+                     out_dtype: torch.dtype, what: str) -> None:
+    """What CUDA's `_scaled_mm` (2-D b) and `_scaled_grouped_mm` (3-D b) demand, on any device. (`what` names
+    the GEMM's role, not its layer: a compiled layer would be specialised on a layer's name.)"""
     problems = []
+    rowwise = b.dim() == 3 or scale_a.numel() > 1 or scale_b.numel() > 1
+    if out_dtype not in ((OUT_DTYPE,) if rowwise else (OUT_DTYPE, torch.float32)):
+        problems.append(f"output {out_dtype} (rowwise and grouped kernels write bf16; tensorwise bf16 or fp32)")
     if a.dtype not in FP8_MAX or b.dtype not in FP8_MAX:
         problems.append(f"operands must be float8, got {a.dtype} and {b.dtype}")
     elif a.dtype == E5M2 and b.dtype == E5M2:
@@ -146,14 +151,15 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torc
               out_dtype: torch.dtype, what: str) -> torch.Tensor:
     """(a / scale_a) @ (b / scale_b), a [M, K] row-major FP8, b [K, N] column-major FP8; `inv_*` are the inverse
     scales (tensorwise: scalars; rowwise: [M, 1] and [1, N])."""
-    check_cuda_rules(a, b, inv_a, inv_b, what=what)
+    check_cuda_rules(a, b, inv_a, inv_b, out_dtype=out_dtype, what=what)
     return torch._scaled_mm(a, b, inv_a, inv_b, out_dtype=out_dtype)
 
 
 def grouped_kernel_available(device: torch.device) -> bool:
-    """Whether this device runs torch's grouped scaled matmul (CUDA, compute capability 9.0 or more)."""
+    """Whether this device runs torch's grouped scaled matmul: CUDA compute capability 9.x or 10.x (torch's kernel
+    is built for sm90 and sm100 only)."""
     return (device.type == "cuda" and hasattr(torch, "_scaled_grouped_mm")
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
 def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
@@ -161,7 +167,7 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv
     """Per group g of rows (ending at `ends[g]`): (a_g / scale_a) @ (b[g] / scale_b[g]) in bf16. a [M, K] e4m3
     row-major with inv_a [M]; b [G, K, N] e4m3 column-major with inv_b [G, N]. Where torch has no kernel (the
     CPU), the dequantized operands are multiplied in fp32."""
-    check_cuda_rules(a, b, inv_a, inv_b, what=what)
+    check_cuda_rules(a, b, inv_a, inv_b, out_dtype=OUT_DTYPE, what=what)
     if a.device.type == "cuda":
         return torch._scaled_grouped_mm(a, b, inv_a, inv_b, offs=ends, out_dtype=OUT_DTYPE)
     dequantized = (a.float() * inv_a[:, None], b.float() * inv_b[:, None, :])
@@ -173,11 +179,30 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv
 
 class Fp8Gemm:
     """What the training loop (pretrain/model/fp8.py) asks of every FP8 GEMM object, whatever its backend; the
-    defaults are those of a GEMM without state."""
+    defaults are those of a GEMM without state. `weight_group`: the tensor group its weight is split over."""
 
-    def invalidate(self) -> None:
-        """The weight has changed (an optimizer step, a checkpoint load): quantize it again at the next use."""
+    weight_group = None
+    _cache: tuple | None = None
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        """The weight has changed (an optimizer step, a checkpoint load): quantize it now, outside the forward, so
+        that a compiled layer never branches on whether it is quantized."""
         self._cache = None
+        self.weight_forms(weight)
+
+    def weight_forms(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The quantized forms of `weight`, from the cache (quantized here on a first use without `refresh`)."""
+        if self._cache is None:
+            with torch.no_grad():
+                self._cache = self._quantize_weight(weight.detach())
+        return self._cache
+
+    def _quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _group_if(self, split: bool):
+        """The group a rowwise amax is reduced over: the tensor group where the row is split over it."""
+        return self.weight_group if split else None
 
     def amaxes(self) -> list[torch.Tensor]:
         """This step's amaxes to reduce over the stage (delayed scaling), in a fixed order."""
@@ -200,15 +225,20 @@ class Fp8Linear(Fp8Gemm):
     amax histories of its input and gradient.
 
     `kind`: "column" (W split by output rows: N is split over the tensor group) or "row" (split by input
-    columns: K is split). `weight_group`: the tensor group of W. `batch_group`: the ranks holding pieces of
-    the same micro-batch (TP x CP). `name`: the layer's module name, for errors and checkpoints."""
+    columns: K is split). `weight_group`: the tensor group of W (TP). `batch_group`: the ranks holding pieces
+    of the same micro-batch (TP x CP), `cp_group` its context-parallel part. A tensorwise amax is reduced
+    where the tensor is split: a row layer's input (features over TP, tokens over CP) and a column layer's
+    output gradient over TP x CP; a column layer's input and a row layer's output gradient, the same on
+    every TP rank (gathered, or replicated, before the GEMM), over CP only. `name`: the layer's module name,
+    for the checkpoint."""
 
-    def __init__(self, recipe: Fp8Recipe, *, kind: str, weight_group, batch_group, name: str,
+    def __init__(self, recipe: Fp8Recipe, *, kind: str, weight_group, batch_group, cp_group=None, name: str,
                  device: torch.device | str = "cpu"):
         self.recipe, self.kind, self.name = recipe, kind, name
-        self.weight_group, self.batch_group = weight_group, batch_group
-        self._cache: tuple | None = None
-        self._training = True
+        self.weight_group = weight_group
+        self.groups = {"input": batch_group if kind == "row" else cp_group,
+                       "grad": batch_group if kind == "column" else cp_group}
+        self._cache = None
         if recipe.scaling == "delayed":
             n = recipe.amax_history_len
             self.history = {"input": torch.zeros(n, device=device), "grad": torch.zeros(n, device=device)}
@@ -216,19 +246,8 @@ class Fp8Linear(Fp8Gemm):
             self.scales = {role: torch.ones((), device=device) for role in self.history}
             self.has_history = False  # until the first step ends, scale by the current amax (a host flag: no sync)
 
-    # rowwise amaxes reduced where the row is split over the tensor group
-    def _group_if(self, split: bool):
-        return self.weight_group if split else None
-
-    def weight_forms(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(forward operand [K, N], its inverse scale, dgrad operand [N, K], its inverse scale), both column-major
-        FP8, quantized at the first use after `invalidate`."""
-        if self._cache is None:
-            with torch.no_grad():
-                self._cache = self._quantize_weight(weight.detach())
-        return self._cache
-
     def _quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(forward operand [K, N], its inverse scale, dgrad operand [N, K], its inverse scale), both column-major."""
         if self.recipe.scaling == "rowwise":
             rows = scale_from_amax(amax(w, 1, group=self._group_if(self.kind == "row")), E4M3)  # [N, 1]
             columns = scale_from_amax(amax(w, 0, group=self._group_if(self.kind == "column")), E4M3)  # [1, K]
@@ -239,39 +258,45 @@ class Fp8Linear(Fp8Gemm):
         q = quantize(w, scale, E4M3)
         return q.t(), scale.reciprocal(), q.t().contiguous().t(), scale.reciprocal()
 
-    def activation_scale(self, x: torch.Tensor, role: str, dtype: torch.dtype) -> torch.Tensor:
+    def activation_scale(self, x: torch.Tensor, role: str, dtype: torch.dtype, *, training: bool = True
+                         ) -> torch.Tensor:
         """The scale of an input (role "input") or an output gradient ("grad") [M, features]."""
         if self.recipe.scaling == "rowwise":  # per row; the row is split over TP in a row layer's input and in
             split = (self.kind == "row") == (role == "input")  # a column layer's output gradient
             return scale_from_amax(amax(x, 1, group=self._group_if(split)), dtype)
+        margin = 0
         if self.recipe.scaling == "delayed":
-            if self._training or role == "grad":  # evaluation must not move the scales
+            if training:  # evaluation must not move the scales
                 torch.maximum(self.step_amax[role], x.detach().abs().amax().float(), out=self.step_amax[role])
             if self.has_history:
                 return self.scales[role]
-        return scale_from_amax(amax(x, group=self.batch_group), dtype)
+            margin = self.recipe.margin
+        return scale_from_amax(amax(x, group=self.groups[role]), dtype, margin)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        self._training = torch.is_grad_enabled()  # read here: inside the autograd function's forward it is off
         # autocast would round the fp32 scales to bf16 on their way into the scaled matmul (the CPU's autocast
-        # lists it): every dtype here is explicit instead
+        # lists it): every dtype here is explicit instead. Grad mode is read here: inside the function it is off.
+        training = torch.is_grad_enabled()
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8Matmul.apply(x, weight, self, *self.weight_forms(weight))
+            return _Fp8Matmul.apply(x, weight, self, training, *self.weight_forms(weight))
 
     # --------------------------------------------------------------- delayed scaling: once per step
 
     def amaxes(self) -> list[torch.Tensor]:
         return [self.step_amax[role] for role in ("input", "grad")] if self.recipe.scaling == "delayed" else []
 
+    def _scale_from_history(self, role: str) -> torch.Tensor:
+        r, history = self.recipe, self.history[role]
+        basis = history.max() if r.amax_compute_algo == "max" else history[0]
+        return scale_from_amax(basis, E4M3 if role == "input" else r.gradient_dtype, r.margin)
+
     def push_history(self, reduced: list[torch.Tensor]) -> None:
         """Record this step's (stage-reduced) amaxes and set the scales of the next step from the history."""
-        r = self.recipe
         for role, value in zip(("input", "grad"), reduced):
             history = self.history[role]
             history.copy_(torch.roll(history, 1))
             history[0] = value
-            basis = history.max() if r.amax_compute_algo == "max" else history[0]
-            self.scales[role] = scale_from_amax(basis, E4M3 if role == "input" else r.gradient_dtype, r.margin)
+            self.scales[role] = self._scale_from_history(role)
             self.step_amax[role].zero_()
         self.has_history = True
 
@@ -283,30 +308,28 @@ class Fp8Linear(Fp8Gemm):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.recipe.scaling != "delayed":
             return
-        r = self.recipe
         for role in self.history:
             self.history[role].copy_(state[f"{role}_amax_history"])
-            basis = self.history[role].max() if r.amax_compute_algo == "max" else self.history[role][0]
-            self.scales[role] = scale_from_amax(basis, E4M3 if role == "input" else r.gradient_dtype, r.margin)
-        self.has_history = True
+            self.scales[role] = self._scale_from_history(role)
+        # a history saved before its first step ended holds nothing yet (one read, when a run resumes)
+        self.has_history = bool(self.history["input"].max() > 0)
 
 
 class _Fp8Matmul(torch.autograd.Function):
     """y = x W^T with FP8 operands: forward, dgrad and (except rowwise) wgrad GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer: Fp8Linear, w_forward, w_inv, w_dgrad, w_dgrad_inv):
+    def forward(ctx, x, weight, layer: Fp8Linear, training: bool, w_forward, w_inv, w_dgrad, w_dgrad_inv):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        scale = layer.activation_scale(x2, "input", E4M3)
+        scale = layer.activation_scale(x2, "input", E4M3, training=training)
         qx = quantize(x2, scale, E4M3)
-        y = scaled_mm(qx, w_forward, scale.reciprocal(), w_inv, out_dtype=OUT_DTYPE, what=f"{layer.name} forward")
+        y = scaled_mm(qx, w_forward, scale.reciprocal(), w_inv, out_dtype=OUT_DTYPE, what="forward")
         rowwise = layer.recipe.scaling == "rowwise"
         # what wgrad needs: rowwise keeps the input in bf16 for a bf16 GEMM, the others its FP8 copy
         saved_input = x2.to(OUT_DTYPE) if rowwise else qx
         ctx.save_for_backward(saved_input, scale, w_dgrad, w_dgrad_inv)
-        ctx.layer, ctx.input_dtype, ctx.shape = layer, x.dtype, shape
-        ctx.weight_dtype, ctx.want_weight = weight.dtype, weight.requires_grad
+        ctx.layer, ctx.input_dtype, ctx.shape, ctx.weight_dtype = layer, x.dtype, shape, weight.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -321,16 +344,16 @@ class _Fp8Matmul(torch.autograd.Function):
         # accumulator: no rounding to bf16 first, and tensor-parallel partial sums are then added in fp32
         wide = ctx.input_dtype == torch.float32 and layer.recipe.scaling != "rowwise"  # rowwise: bf16 output only
         grad_input = scaled_mm(qg, w_dgrad, g_scale.reciprocal(), w_dgrad_inv,
-                               out_dtype=torch.float32 if wide else OUT_DTYPE, what=f"{layer.name} dgrad")
+                               out_dtype=torch.float32 if wide else OUT_DTYPE, what="dgrad")
         grad_weight = None
-        if ctx.want_weight:
+        if ctx.needs_input_grad[1]:
             if layer.recipe.scaling == "rowwise":
                 grad_weight = (g.to(OUT_DTYPE).t() @ saved_input).to(ctx.weight_dtype)
             else:  # [N, M] x [M, K]: the tokens are the contraction
                 grad_weight = scaled_mm(qg.t().contiguous(), saved_input.t().contiguous().t(), g_scale.reciprocal(),
-                                        x_scale.reciprocal(), out_dtype=torch.float32, what=f"{layer.name} wgrad")
+                                        x_scale.reciprocal(), out_dtype=torch.float32, what="wgrad")
                 grad_weight = grad_weight.to(ctx.weight_dtype)
-        return (grad_input.to(ctx.input_dtype).view(ctx.shape), grad_weight, None, None, None, None, None)
+        return (grad_input.to(ctx.input_dtype).view(ctx.shape), grad_weight, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- the experts
@@ -346,21 +369,15 @@ class Fp8GroupedLinear(Fp8Gemm):
 
     def __init__(self, *, kind: str, weight_group, name: str):
         self.kind, self.weight_group, self.name = kind, weight_group, name
-        self._cache: tuple | None = None
+        self._cache = None
 
-    def _group_if(self, split: bool):
-        return self.weight_group if split else None
-
-    def weight_forms(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self._cache is None:
-            with torch.no_grad():
-                w = weight.detach()
-                rows = scale_from_amax(amax(w, 2, group=self._group_if(self.kind == "row")), E4M3)  # [G, N, 1]
-                columns = scale_from_amax(amax(w, 1, group=self._group_if(self.kind == "column")), E4M3)  # [G,1,K]
-                forward = quantize(w, rows, E4M3).transpose(1, 2)  # [G, K, N] column-major
-                dgrad = quantize(w, columns, E4M3).transpose(1, 2).contiguous().transpose(1, 2)  # [G, N, K]
-                self._cache = (forward, rows.reciprocal().squeeze(2), dgrad, columns.reciprocal().squeeze(1))
-        return self._cache
+    def _quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(forward operand [G, K, N], inverse scales [G, N], dgrad operand [G, N, K], inverse scales [G, K])."""
+        rows = scale_from_amax(amax(w, 2, group=self._group_if(self.kind == "row")), E4M3)  # [G, N, 1]
+        columns = scale_from_amax(amax(w, 1, group=self._group_if(self.kind == "column")), E4M3)  # [G, 1, K]
+        forward = quantize(w, rows, E4M3).transpose(1, 2)  # column-major
+        dgrad = quantize(w, columns, E4M3).transpose(1, 2).contiguous().transpose(1, 2)
+        return forward, rows.reciprocal().squeeze(2), dgrad, columns.reciprocal().squeeze(1)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # as in Fp8Linear
@@ -373,7 +390,7 @@ class _Fp8GroupedMatmul(torch.autograd.Function):
         scale = scale_from_amax(amax(x, 1, group=layer._group_if(layer.kind == "row")), E4M3)  # [M, 1]
         qx = quantize(x, scale, E4M3)
         y = scaled_grouped_mm(qx, w_forward, scale.reciprocal().squeeze(1), w_inv, ends,
-                              what=f"{layer.name} forward")
+                              what="forward")
         ctx.save_for_backward(x.to(OUT_DTYPE), ends, w_dgrad, w_dgrad_inv)
         ctx.layer, ctx.input_dtype, ctx.weight_dtype = layer, x.dtype, weight.dtype
         return y
@@ -385,6 +402,6 @@ class _Fp8GroupedMatmul(torch.autograd.Function):
         scale = scale_from_amax(amax(grad, 1, group=layer._group_if(layer.kind == "column")), E4M3)
         qg = quantize(grad, scale, E4M3)
         grad_input = scaled_grouped_mm(qg, w_dgrad, scale.reciprocal().squeeze(1), w_dgrad_inv, ends,
-                                       what=f"{layer.name} dgrad")
+                                       what="dgrad")
         grad_weight = F.grouped_mm(grad.to(OUT_DTYPE).t(), x, offs=ends).to(ctx.weight_dtype)  # [G, N, K]
         return grad_input.to(ctx.input_dtype), grad_weight, None, None, None, None, None, None

@@ -1,6 +1,6 @@
 """NVIDIA Transformer Engine (TE) as the FP8 backend of the dense tensor-parallel layers.
 
-`TeLinear` keeps parallel/fp8.py's protocol (`layer.fp8(x, weight)`, `invalidate`, `amaxes`, `push_history`,
+`TeLinear` keeps parallel/fp8.py's protocol (`layer.fp8(x, weight)`, `refresh`, `amaxes`, `push_history`,
 `state_dict`), so a layer does not know which backend it runs. TE is optional and never imported when this
 module is: `load` imports it on demand and says in one line why it cannot (`import transformer_engine` raises
 RuntimeError, not ImportError, when its CUDA core is missing, and OSError when a CUDA library does not load).
@@ -23,7 +23,7 @@ Decisions, and why:
   weight gradient is a partial sum over TP that the gradient synchronisation completes; `GroupedLinear`,
   because it owns one weight per expert where we hold one stacked parameter per projection. The experts stay
   on the torch backend's grouped FP8 GEMM under either backend.
-- FP8 weight caching: `is_first_microbatch=True` at the first call after `invalidate()` (the trainer calls it
+- FP8 weight caching: `is_first_microbatch=True` at the first call after `refresh()` (the trainer calls it
   when a step begins and after the optimizer step), False after: one quantization per optimizer step, reused
   by the other micro-batches and by a recomputed forward.
 - Amaxes: TE keeps and reduces its own, inside `autocast`, so `amaxes()` is empty and `push_history` does
@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.errors import FoldtronError
+from parallel.fp8 import Fp8Gemm
 
 FIELD = "precision.fp8.backend=te"
 RECIPES = {"delayed": "DelayedScaling", "tensorwise": "Float8CurrentScaling", "blockwise": "Float8BlockScaling"}
@@ -191,7 +192,7 @@ def _linear_kwargs(weight: torch.Tensor, *, name: str) -> dict:
                 device=weight.device, init_method=_keep_values, name=name)
 
 
-class TeLinear:
+class TeLinear(Fp8Gemm):
     """y = x W^T for one layer, by TE's `Linear` computing with the layer's own parameter W [N, K] (this rank's
     shard). `name`: the layer's module name, for TE's logs and for errors. `stateful`: the recipe keeps state
     (delayed scaling), so `state_dict` names its extra state even before TE has any: a fresh run's dict is
@@ -210,15 +211,10 @@ class TeLinear:
         first, self._first = self._first, False
         return self.module(x, is_first_microbatch=first)
 
-    def invalidate(self) -> None:
-        """The weight has changed (an optimizer step, a checkpoint load): TE quantizes it at the next call."""
+    def refresh(self, weight: torch.nn.Parameter) -> None:
+        """The weight has changed (an optimizer step, a checkpoint load): TE quantizes it at the next call (its
+        amaxes it keeps and reduces itself, inside its autocast: `amaxes` stays empty)."""
         self._first = True
-
-    def amaxes(self) -> list[torch.Tensor]:
-        return []  # TE reduces its amaxes inside its autocast
-
-    def push_history(self, reduced: list[torch.Tensor]) -> None:
-        pass
 
     def state_dict(self) -> dict[str, bytes]:
         """TE's extra state (delayed scaling's scales and amax histories) as bytes; empty for stateless recipes."""
@@ -237,7 +233,7 @@ class TeLinear:
         except RuntimeError as err:
             raise TeError(f"{FIELD}: Transformer Engine refused the checkpoint's FP8 state of {self.name} "
                           f"({_first_line(err)})") from err
-        self.invalidate()
+        self._first = True
 
 
 def passed_keywords() -> dict[str, tuple[str, ...]]:

@@ -56,9 +56,10 @@ def _shape_problems(cfg) -> list[str]:
     weights = {  # name: (global [out, in], which dim is split over TP, what to change)
         "attention.qkv": ((qkv, m.hidden_size), 0, "model.hidden_size / num_attention_heads / num_query_groups"),
         "attention.out": ((m.hidden_size, m.num_attention_heads * head), 1, "model.hidden_size"),
-        "mlp.up (and gate)": ((m.ffn_size, m.hidden_size), 0, "model.ffn_hidden_size"),
-        "mlp.down": ((m.hidden_size, m.ffn_size), 1, "model.ffn_hidden_size"),
     }
+    if not all(m.moe.is_moe_layer(i) for i in range(m.num_layers)):  # some layer has a dense MLP
+        weights["mlp.up (and gate)"] = ((m.ffn_size, m.hidden_size), 0, "model.ffn_hidden_size")
+        weights["mlp.down"] = ((m.hidden_size, m.ffn_size), 1, "model.ffn_hidden_size")
     if m.moe.shared_expert_ffn_hidden_size:
         shared = m.moe.shared_expert_ffn_hidden_size
         weights["mlp.shared.up"] = ((shared, m.hidden_size), 0, "model.moe.shared_expert_ffn_hidden_size")

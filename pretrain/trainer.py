@@ -225,22 +225,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    @contextlib.contextmanager
     def autocast(self):
         """The forward pass's precision: bf16 autocast, and within it the FP8 backend's context (TE's)."""
-        stack = contextlib.ExitStack()
-        if self.cfg.precision.dtype == "bf16":
-            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-        if self.fp8 is not None:
-            stack.enter_context(self.fp8.autocast())
-        return stack
+        with contextlib.ExitStack() as stack:
+            if self.cfg.precision.dtype == "bf16":
+                stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if self.fp8 is not None:
+                stack.enter_context(self.fp8.autocast())
+            yield
 
     def fp8_state(self) -> str | None:
-        """What the FP8 state in a checkpoint depends on (None: this run keeps none): a resume loads the
-        checkpoint's only when it is the same, else the histories start afresh."""
-        f = self.cfg.precision.fp8
-        if self.fp8 is None or (f.backend == "torch" and f.recipe != "delayed"):
-            return None
-        return f"{f.backend}/{f.recipe}/{f.format}/{f.amax_history_len}"
+        """What the FP8 state in a checkpoint depends on (see Fp8Feature.state_kind); None: no FP8 state."""
+        return self.fp8.state_kind() if self.fp8 is not None else None
 
     def stage_forward(self, tokens: torch.Tensor, received: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
         """One of this stage's chunks on a micro-batch [batch, seq + 1]: the first chunk of the model starts

@@ -53,3 +53,11 @@ def test_report_lists_foldtron_baseline_and_the_memory_estimate():
     assert any(line.startswith("gpt2_small") and "FP8 te: transformer_engine is not installed" in line
                for line in lines)
     assert any(line.startswith("moe_1b") and "failed (1, see bench_moe_1b.log)" in line for line in lines)
+
+
+def test_the_time_limits_fit_one_device_command():
+    """The device runs one command for at most 10 minutes: the tests, every benchmark and its estimate."""
+    benchmarks = device_check.BENCH_SECONDS
+    assert set(benchmarks) == {*device_check.PRESETS, "llama_1b_recompute"}
+    assert device_check.TESTS_SECONDS + sum(benchmarks.values()) + len(benchmarks) * device_check.ESTIMATE_SECONDS \
+        <= 600

@@ -175,14 +175,14 @@ def test_grouped_gemms_against_fp32_matmuls_of_the_quantized_operands():
     assert (w.grad[1] == 0).all()
 
 
-def test_weights_are_quantized_once_until_invalidated():
+def test_weights_are_quantized_once_until_refreshed():
     layer = Fp8Linear(Fp8Recipe(), kind="column", weight_group=None, batch_group=None, name="t")
     w = torch.randn(16, 32)
     first = layer.weight_forms(w)
     with torch.no_grad():
         w.mul_(2.0)  # an optimizer step
     assert layer.weight_forms(w) is first  # every micro-batch of the step reuses the quantized copy
-    layer.invalidate()
+    layer.refresh(w)
     assert layer.weight_forms(w)[1].item() == pytest.approx(2.0 * first[1].item())
 
 

@@ -37,6 +37,8 @@ LAYOUTS = {
     "PP2 delayed": (2, ("precision.fp8.recipe=delayed",), ["parallel.pipeline=2"], EXACT),
     "TP2 SP rowwise": (2, ("precision.fp8.recipe=rowwise", "precision.fp8.format=e4m3"),
                        ["parallel.tensor=2", "parallel.sequence_parallel=true"], REORDERED),
+    "CP2": (2, (), ["parallel.context=2"], REORDERED),  # attention's blocks merged in another order
+    "MoE ETP2": (2, MOE, ["parallel.expert_tensor=2"], REORDERED),
 }
 
 
@@ -115,7 +117,13 @@ def test_a_bf16_checkpoint_resumes_in_fp8_with_fresh_histories(tmp_path, tiny_co
     trainer.run()
     out = capsys.readouterr().out
     assert "| fp8 torch delayed hybrid" in out  # the console line names the precision
-    assert "holds no torch/delayed/hybrid/1024 state; the amax histories start afresh" in out
+    assert "holds no torch/delayed/hybrid/1024 (bf16 layers 0+0, min 0) state; the amax histories start afresh" \
+        in out
+    # other layers in FP8: afresh too (their names are not the checkpoint's), not a missing-key error
+    again = Trainer(tiny_config(tmp_path, tiny_corpus, *FP8, "precision.fp8.recipe=delayed",
+                                "precision.fp8.bf16_last_layers=1", "train.iters=8"))
+    assert again.fp8_afresh and again.step == 6 and set(again.fp8.gemms) == {
+        f"layers.0.{g}" for g in ("attention.qkv", "attention.out", "mlp.gate", "mlp.up", "mlp.down")}
 
 
 def test_what_stays_in_bf16(tmp_path, tiny_corpus):
@@ -139,6 +147,10 @@ BAD = {
     "tokens not a multiple of 16": (("model.seq_length=12",), "= 24 tokens per rank"),
     "every layer in bf16": (("precision.fp8.bf16_first_layers=2",), "keeps all 2 layers in bf16"),
 }
+
+
+def test_a_model_without_dense_mlps_is_not_held_to_their_shape(tmp_path, tiny_corpus):
+    tiny_config(tmp_path, tiny_corpus, *FP8, *MOE, "model.ffn_hidden_size=72").validate()  # every layer MoE
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -222,3 +234,66 @@ def test_delayed_histories_are_reduced_over_the_stage(tmp_path, tiny_corpus, lay
     assert seen == set(expected)
     if layout != "PP2":  # one stage: every rank holds the same histories
         assert all(torch.equal(a, b) for name in results[0] for a, b in zip(results[0][name], results[1][name]))
+
+
+def _graphs(cfg) -> int:
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    trainer = Trainer(cfg)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.evaluate()
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_fp8_layers_share_their_graphs(tmp_path, tiny_corpus):
+    """9 layers (more than dynamo's 8 recompilations), 3 steps and an evaluation: FP8 compiles the graphs bf16
+    compiles (one for training, one for evaluation), not one per layer; delayed scaling one more, when the
+    histories begin. (Quantizing weights inside the compiled code, or naming the layer there, made every
+    layer its own graph until the limit, after which layers ran eager.)"""
+    base = ("model.num_layers=9", "precision.dtype=bf16", "train.compile=true", "checkpoint.interval=0",
+            "checkpoint.save_at_end=false", "eval.interval=0")
+    bf16 = _graphs(tiny_config(tmp_path / "bf16", tiny_corpus, *base))
+    assert _graphs(tiny_config(tmp_path / "fp8", tiny_corpus, *base, "precision.fp8.enabled=true")) == bf16
+    delayed = _graphs(tiny_config(tmp_path / "delayed", tiny_corpus, *base, "precision.fp8.enabled=true",
+                                  "precision.fp8.recipe=delayed"))
+    assert delayed <= bf16 + 1
+
+
+def _groups(rank: int, world: int, cfg):
+    """Whether every FP8 GEMM reduces its amaxes over the groups the module docstring of parallel/fp8.py names."""
+    from parallel.fp8 import Fp8GroupedLinear, Fp8Linear
+
+    trainer = Trainer(cfg, world, rank)
+    tp = trainer.topology
+    checks = []
+    for gemm in trainer.fp8.gemms.values():
+        if isinstance(gemm, Fp8GroupedLinear):
+            checks.append(gemm.weight_group is tp.groups["etp"])
+        else:
+            assert isinstance(gemm, Fp8Linear)
+            split, whole = tp.groups["tp-cp"], tp.cp_group  # the TP-split role, and the one the same on TP ranks
+            inputs, grads = (split, whole) if gemm.kind == "row" else (whole, split)
+            checks.append(gemm.weight_group is tp.tp_group and gemm.groups["input"] is inputs
+                          and gemm.groups["grad"] is grads)
+    return checks
+
+
+def test_each_gemm_reduces_its_amaxes_over_its_groups(tmp_path, tiny_corpus):
+    cfg = layout_config(tmp_path, tiny_corpus, *FP8, *MOE, "model.moe.layer_freq=2", "parallel.tensor=2",
+                        "parallel.context=2", "parallel.sequence_parallel=true", "parallel.expert=2",
+                        "parallel.expert_tensor=2")
+    for checks in run_ranks(4, _groups, cfg):
+        assert len(checks) == 2 * 5 + 2 * 3 + 2 * 2 and all(checks)  # dense MLPs, expert stacks, attention
+
+
+def test_evaluation_after_a_step_uses_the_stepped_weights(tmp_path, tiny_corpus):
+    """The weights are quantized again right after the optimizer step, so an evaluation between two steps sees
+    the new ones (their quantized forms equal a fresh quantization of the current weights)."""
+    trainer = Trainer(tiny_config(tmp_path, tiny_corpus, *FP8))
+    trainer.train_step()
+    for name, gemm in trainer.fp8.gemms.items():
+        fresh = gemm._quantize_weight(trainer.fp8.weights[name].detach())
+        assert all(torch.equal(a.float(), b.float()) for a, b in zip(gemm.weight_forms(None), fresh)), name

@@ -171,10 +171,10 @@ def test_the_weight_is_quantized_once_per_step():
     with fp8(te):
         first = gemm(x, w)
         with torch.no_grad():
-            w.mul_(2)  # as an optimizer step would, but without invalidate(): the cached FP8 weight is used
+            w.mul_(2)  # as an optimizer step would, but without refresh(): the cached FP8 weight is used
         again = gemm(x, w)
         gemm(x, w)
-        gemm.invalidate()
+        gemm.refresh(w)
         fresh = gemm(x, w)
     assert gemm.module.first_microbatch_flags == [True, False, False, True]
     assert torch.equal(again, first) and not torch.equal(fresh, first)

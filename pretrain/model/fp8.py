@@ -63,26 +63,37 @@ def device_problem(device: torch.device, backend: str = "torch") -> Optional[str
 
 
 class Fp8Feature(ModelFeature):
-    """What FP8 GEMMs ask of the training loop: quantize the weights again when a step begins and after the
-    optimizer step (not per micro-batch), and with delayed scaling reduce the step's amaxes over the
-    stage's ranks (TP x DP x CP) and update the histories once per step. `autocast` is the context the
-    forward pass runs in (Transformer Engine's, with its recipe and amax group; nothing for torch's).
-    Its state (the histories, TE's extra state) goes into checkpoints under the GEMMs' module names."""
+    """What FP8 GEMMs ask of the training loop: quantize the weights after each optimizer step (and before the
+    first step, or after a checkpoint load), never per micro-batch, and with delayed scaling reduce the step's
+    amaxes over the stage's ranks (TP x DP x CP) and update the histories once per step. `autocast` is the
+    context the forward pass runs in (Transformer Engine's, with its recipe and amax group; nothing for
+    torch's). Its state (the histories, TE's extra state) goes into checkpoints under the GEMMs' module
+    names; `state_kind` says what that state depends on.
 
-    def __init__(self, gemms: dict[str, object], topology: Topology, *, backend: str, description: str,
-                 autocast=None):
-        self.gemms, self.topology, self.backend, self.description = gemms, topology, backend, description
-        self._autocast = autocast
+    `gemms` and `weights`: each FP8 GEMM object and the parameter it multiplies, by name."""
+
+    def __init__(self, gemms: dict[str, torch_fp8.Fp8Gemm], weights: dict[str, nn.Parameter], topology: Topology, *,
+                 fp8_cfg, description: str, autocast=None):
+        self.gemms, self.weights, self.topology, self.description = gemms, weights, topology, description
+        self.fp8_cfg, self._autocast = fp8_cfg, autocast
+        self.stale = True  # the weights have not been quantized yet
 
     def autocast(self):
         return self._autocast() if self._autocast is not None else contextlib.nullcontext()
 
-    def _invalidate(self) -> None:
-        for gemm in self.gemms.values():
-            gemm.invalidate()
+    def refresh(self) -> None:
+        """Quantize every weight now, eagerly: the forward (compiled or not) only reads the cache."""
+        for name, gemm in self.gemms.items():
+            gemm.refresh(self.weights[name])
+        self.stale = False
+
+    def weights_changed(self) -> None:
+        """The weights were changed outside a step (a checkpoint load): quantize them before the next forward."""
+        self.stale = True
 
     def begin_step(self, micro_batches: int) -> None:
-        self._invalidate()
+        if self.stale:
+            self.refresh()
 
     def end_step(self) -> None:
         amaxes = [(gemm, gemm.amaxes()) for gemm in self.gemms.values()]
@@ -96,7 +107,17 @@ class Fp8Feature(ModelFeature):
             for gemm, values in amaxes:
                 gemm.push_history(list(reduced[at:at + len(values)]))
                 at += len(values)
-        self._invalidate()
+        self.refresh()  # the optimizer has stepped; an evaluation before the next step sees the new weights too
+
+    def state_kind(self) -> Optional[str]:
+        """What this run's FP8 state depends on (None: it keeps none): the backend, the recipe, the history and
+        which GEMMs run in FP8 on the whole model. A resume loads a checkpoint's state only of the same kind;
+        otherwise (a bf16 checkpoint, another recipe, other bf16 layers) the histories start afresh."""
+        f = self.fp8_cfg
+        if f.backend == "torch" and f.recipe != "delayed":
+            return None
+        layers = f"bf16 layers {f.bf16_first_layers}+{f.bf16_last_layers}, min {f.min_weight_elements}"
+        return f"{f.backend}/{f.recipe}/{f.format}/{f.amax_history_len} ({layers})"
 
     def state_dict(self) -> dict:
         return {name: state for name, gemm in self.gemms.items() if (state := gemm.state_dict())}
@@ -105,6 +126,7 @@ class Fp8Feature(ModelFeature):
         for name, gemm in self.gemms.items():
             if name in state:
                 gemm.load_state_dict(state[name])
+        self.weights_changed()
 
 
 def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
@@ -125,7 +147,8 @@ def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
         stage_group = topology.groups["tp-dp-cp"]
         autocast = lambda: te_backend.autocast(te, recipe=te_recipe, amax_group=stage_group)  # noqa: E731
     chosen = set(fp8_layers(num_layers, fp8_cfg))
-    gemms: dict[str, object] = {}
+    gemms: dict[str, torch_fp8.Fp8Gemm] = {}
+    weights: dict[str, nn.Parameter] = {}
     dense = experts = 0
     experts_bf16 = []
     for name, module in model.named_modules():
@@ -140,8 +163,9 @@ def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
                 module.fp8 = te_backend.TeLinear(te, module.weight, name=name, stateful=fp8_cfg.recipe == "delayed")
             else:
                 module.fp8 = torch_fp8.Fp8Linear(recipe, kind=kind, weight_group=topology.tp_group,
-                                                 batch_group=topology.groups["tp-cp"], name=name, device=device)
-            gemms[name] = module.fp8
+                                                 batch_group=topology.groups["tp-cp"], cp_group=topology.cp_group,
+                                                 name=name, device=device)
+            gemms[name], weights[name] = module.fp8, module.weight
             dense += 1
         elif isinstance(module, Experts):
             problem = _experts_problem(module, device)
@@ -155,18 +179,20 @@ def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
                                                       weight_group=topology.groups["etp"],
                                                       name=f"{name}.{weight_name}")
                     module.fp8[weight_name] = gemms[f"{name}.{weight_name}"] = gemm
+                    weights[f"{name}.{weight_name}"] = getattr(module, weight_name)
                     experts += 1
     description = (f"FP8 {fp8_cfg.backend} {fp8_cfg.recipe} {fp8_cfg.format}: {dense} dense GEMM weights"
                    + (f", {experts} expert stacks (rowwise)" if experts else "")
                    + (f"; experts stay bf16 ({experts_bf16[0]})" if experts_bf16 else ""))
-    return Fp8Feature(gemms, topology, backend=fp8_cfg.backend, description=description, autocast=autocast)
+    return Fp8Feature(gemms, weights, topology, fp8_cfg=fp8_cfg, description=description, autocast=autocast)
 
 
 def _experts_problem(experts: Experts, device: torch.device) -> Optional[str]:
     if experts.kind == "loop":
         return "model.moe.experts=loop runs no grouped GEMM"
     if device.type != "cpu" and not torch_fp8.grouped_kernel_available(device):
-        return "this device has no grouped FP8 GEMM (torch._scaled_grouped_mm needs CUDA compute capability 9.0+)"
+        return ("this device has no grouped FP8 GEMM (torch._scaled_grouped_mm needs CUDA compute capability 9.x "
+                "or 10.x)")
     if any(w % 16 for w in experts.widths):
         return f"expert GEMM widths {list(experts.widths)} (hidden, ffn / ETP) are not multiples of 16"
     return None
