@@ -49,46 +49,39 @@ class Format(enum.Enum):
 
 
 @dataclasses.dataclass
-class DelayedScaling:
+class _Recipe:
+    """What TE's recipes share."""
+    fp8_dpa: bool = False
+    fp8_mha: bool = False
+    backward_override: Optional[str] = None
+
+    def __post_init__(self):
+        assert self.fp8_format != Format.E5M2, "Pure E5M2 training is not supported."
+
+
+@dataclasses.dataclass
+class DelayedScaling(_Recipe):
     margin: int = 0
     fp8_format: Format = Format.HYBRID
     amax_history_len: int = 1024
     amax_compute_algo: str | Callable = "max"
     scaling_factor_compute_algo: Optional[Callable] = None
     reduce_amax: bool = True
-    fp8_dpa: bool = False
-    fp8_mha: bool = False
-    backward_override: Optional[str] = None
-
-    def __post_init__(self):
-        assert self.fp8_format != Format.E5M2, "Pure E5M2 training is not supported."
 
 
 @dataclasses.dataclass
-class Float8CurrentScaling:
+class Float8CurrentScaling(_Recipe):
     use_power_2_scales: bool = False
     fp8_format: Format = Format.HYBRID
-    fp8_dpa: bool = False
-    fp8_mha: bool = False
-    backward_override: Optional[str] = None
-
-    def __post_init__(self):
-        assert self.fp8_format != Format.E5M2, "Pure E5M2 training is not supported."
 
 
 @dataclasses.dataclass
-class Float8BlockScaling:
+class Float8BlockScaling(_Recipe):
     use_f32_scales: bool = False
     fp8_format: Format = Format.E4M3
     x_block_scaling_dim: int = 1
     w_block_scaling_dim: int = 2
     grad_block_scaling_dim: int = 1
-    fp8_dpa: bool = False
-    fp8_mha: bool = False
-    backward_override: Optional[str] = None
-
-    def __post_init__(self):
-        assert self.fp8_format != Format.E5M2, "Pure E5M2 training is not supported."
 
 
 def _quantize_dequantize(t: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
