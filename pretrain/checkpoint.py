@@ -69,7 +69,8 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool,
     parts = {"weights": {k: v for k, v in weights.items() if k not in experts}}
     if experts:
         parts["expert_weights"] = {k: v for k, v in weights.items() if k in experts}
-    parts.update(optimizer.state_parts())
+    if optimizer is not None:  # None: the weights only (checkpoint.init_from)
+        parts.update(optimizer.state_parts())
     if fp8 is not None and (fp8_state := fp8.state_dict()):
         parts["fp8"] = fp8_state
     return {keys[part][0]: value for part, value in parts.items() if keys[part][1]}
@@ -192,13 +193,49 @@ def check_compatible(path: str, meta: dict, *, model_signature: dict, layout: di
             f"{path} was saved with the parallel layout {meta.get('layout')}, this run is {layout}: loading into "
             "another layout is not supported yet; resume with the layout it was saved with"
         )
+    check_model(path, meta, model_signature=model_signature)
+
+
+WEIGHT_LAYOUT = ("tp", "pp", "ep", "etp", "pipeline_layers")  # what the weights' shards depend on (not DP or CP)
+
+
+def resolve_init(path: str) -> str:
+    """The checkpoint `checkpoint.init_from` names: a checkpoint folder, or a checkpoint.dir (its latest)."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    latest = resolve("auto", path) if os.path.isdir(path) else None
+    if latest is None:
+        raise CheckpointError(f"checkpoint.init_from={path!r}: no foldtron checkpoint there (a step_* folder with "
+                              f"{META}, or a checkpoint.dir holding one)")
+    return latest
+
+
+def check_weights_compatible(path: str, meta: dict, *, model_signature: dict, layout: dict) -> None:
+    """What `checkpoint.init_from` needs of a checkpoint: the same model, and the same sharding of the weights
+    (the same TP, PP and its layers per stage, and for experts EP and ETP; any DP, CP, optimizer or objective)."""
+    keys = WEIGHT_LAYOUT if model_signature.get("moe") else tuple(k for k in WEIGHT_LAYOUT if k not in ("ep", "etp"))
+    saved = {k: meta.get("layout", {}).get(k) for k in keys}
+    wanted = {k: layout[k] for k in keys}
+    if saved != wanted:
+        different = ", ".join(f"{k} {saved[k]!r} (checkpoint) vs {wanted[k]!r}" for k in keys if saved[k] != wanted[k])
+        raise CheckpointError(f"checkpoint.init_from={path}: its weights are sharded otherwise ({different}); "
+                              "initialise with the same tensor, pipeline and expert layout (loading into another "
+                              "layout is not supported yet)")
+    check_model(f"checkpoint.init_from={path}:", meta, model_signature=model_signature,
+                fix="configure the model it holds (its config.yaml beside the checkpoints says which)")
+
+
+def check_model(path: str, meta: dict, *, model_signature: dict,
+                fix: str = "resume with the model it was trained with, or start a new run.dir") -> None:
+    """Refuse a checkpoint of another model (shape, vocabulary, MoE, GPAS: `model_signature`); `fix` says what to
+    do instead."""
     saved = meta.get("model_signature", {})
     different = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)"
                  for k, v in model_signature.items() if saved.get(k) != v]
     if different:
         raise CheckpointError(
             f"{path} holds a different model: " + "; ".join(different)
-            + "; resume with the model it was trained with, or start a new run.dir"
+            + f"; {fix}"
         )
 
 
@@ -216,13 +253,32 @@ def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None) ->
         rng = torch.load(rng_path, weights_only=False)
     except (CheckpointException, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({_reason(err)})") from err
-    parts = {part: state[key] for part, (key, _) in _keys(topology, saving=False).items() if key in state}
+    parts = _parts(state, topology)
     model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
     if "fp8" in parts:
         fp8.load_state_dict(parts.pop("fp8"))
     optimizer.load_state_parts(parts)
     _set_rng_state(rng)
     return meta
+
+
+def load_weights(path: str, *, model: torch.nn.Module, topology) -> None:
+    """Only the model's weights from `path` (checked with `check_weights_compatible` first), for a fresh run:
+    no optimizer state, step, data position or random state."""
+    state = _sharded_state(model, None, topology, saving=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=path)
+    except (CheckpointException, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint.init_from={path}: cannot load its weights ({_reason(err)})") from err
+    parts = _parts(state, topology)
+    model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
+
+
+def _parts(state: dict, topology) -> dict:
+    """A loaded state by part (weights, expert_weights, the optimizer's, fp8), as `_keys` names them."""
+    return {part: state[key] for part, (key, _) in _keys(topology, saving=False).items() if key in state}
 
 
 def _reason(err: BaseException) -> str:

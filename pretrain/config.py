@@ -233,6 +233,9 @@ class CheckpointConfig:
     interval: int = 100  # steps between saves; 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto: latest in dir if any; none: start fresh; or a checkpoint folder
+    # a fresh run starts from these weights (a checkpoint folder, or a checkpoint.dir: its latest), with a fresh
+    # optimizer, schedule and data position; ignored when the run resumes its own checkpoint
+    init_from: Optional[str] = None
     save_at_end: bool = True
 
 

@@ -163,6 +163,13 @@ class Trainer:
                     "resume with the same settings, or start a new run.dir"
                 )
 
+        # weights only, into a fresh run (a run that resumes its own checkpoint continues from that instead)
+        self.init_from = None
+        if cfg.checkpoint.init_from and not self.resume_from:
+            self.init_from = checkpoint.resolve_init(cfg.checkpoint.init_from)
+            checkpoint.check_weights_compatible(self.init_from, checkpoint.read_meta(self.init_from),
+                                                model_signature=model_signature(cfg.model), layout=self.layout())
+
         t, d = cfg.train, cfg.data
         eval_samples = cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0
         self.plan, self.data = distributed.rank0_first(lambda: self._build_data(eval_samples))
@@ -187,6 +194,8 @@ class Trainer:
         if self.resume_from:
             meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology,
                                    fp8=None if self.fp8_afresh else self.fp8)
+        elif self.init_from:
+            checkpoint.load_weights(self.init_from, model=self.model, topology=topology)
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
@@ -419,6 +428,8 @@ class Trainer:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
+        if self.init_from:
+            lines.append(f"initialised from {self.init_from} (its weights; a fresh optimizer, schedule and data)")
         if self.fp8_afresh:
             lines.append(f"FP8: the checkpoint holds no {self.fp8_state()} state; the amax histories start afresh")
         if self.step >= t.iters:
