@@ -13,6 +13,7 @@ the scheduler's whole state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -244,17 +245,11 @@ def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None) ->
     when `fp8` is given (the caller checks that the checkpoint holds the same kind); return its meta."""
     meta = read_meta(path)
     optimizer.materialize_state()
-    state = _sharded_state(model, optimizer, topology, saving=False, fp8=fp8)
-    rng_path = os.path.join(path, f"rng_rank{topology.rank}.pt")
-    try:  # only reading is labelled: a mismatch after check_compatible is a bug and keeps its traceback
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, checkpoint_id=path)
-        rng = torch.load(rng_path, weights_only=False)
-    except (CheckpointException, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({_reason(err)})") from err
-    parts = _parts(state, topology)
-    model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
+    failure = f"{path}: cannot load the checkpoint"
+    with _labelled(failure):
+        rng = torch.load(os.path.join(path, f"rng_rank{topology.rank}.pt"), weights_only=False)
+    parts = _read_into(model, _sharded_state(model, optimizer, topology, saving=False, fp8=fp8), path, topology,
+                       failure=failure)
     if "fp8" in parts:
         fp8.load_state_dict(parts.pop("fp8"))
     optimizer.load_state_parts(parts)
@@ -265,15 +260,29 @@ def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None) ->
 def load_weights(path: str, *, model: torch.nn.Module, topology) -> None:
     """Only the model's weights from `path` (checked with `check_weights_compatible` first), for a fresh run:
     no optimizer state, step, data position or random state."""
-    state = _sharded_state(model, None, topology, saving=False)
+    _read_into(model, _sharded_state(model, None, topology, saving=False), path, topology,
+               failure=f"checkpoint.init_from={path}: cannot load its weights")
+
+
+@contextlib.contextmanager
+def _labelled(failure: str):
+    """Reading errors as one CheckpointError line; only reading is labelled: a mismatch after the compatibility
+    checks is a bug and keeps its traceback."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, checkpoint_id=path)
+        yield
     except (CheckpointException, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint.init_from={path}: cannot load its weights ({_reason(err)})") from err
+        raise CheckpointError(f"{failure} ({_reason(err)})") from err
+
+
+def _read_into(model: torch.nn.Module, state: dict, path: str, topology, *, failure: str) -> dict:
+    """Read `state` (the keys of `_sharded_state`) from `path`, put its weights into `model`; return its other
+    parts (the optimizer's, fp8)."""
+    with _labelled(failure), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path)
     parts = _parts(state, topology)
     model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
+    return parts
 
 
 def _parts(state: dict, topology) -> dict:
