@@ -7,7 +7,7 @@ Skipped without CUDA (or below compute capability 8.9); `python -m tools.device_
 import pytest
 import torch
 
-from conftest import tiny_config
+from test_cuda import cuda_config
 from parallel import fp8
 from parallel.fp8 import Fp8GroupedLinear, Fp8Linear, Fp8Recipe
 
@@ -54,9 +54,7 @@ def test_cuda_grouped_fp8_equals_the_cpu_emulation():
 
 
 def _cuda_config(tmp_path, corpus, *overrides):
-    return tiny_config(tmp_path, corpus, "run.device=cuda", "checkpoint.interval=0", "checkpoint.save_at_end=false",
-                       "eval.interval=0", "model.hidden_size=128", "model.num_attention_heads=4",
-                       "model.seq_length=64", "precision.dtype=bf16", *overrides)
+    return cuda_config(tmp_path, corpus, "precision.dtype=bf16", *overrides)
 
 
 @pytest.mark.parametrize("extra", [(), ("train.compile=true",), ("model.moe.num_experts=4", "model.moe.top_k=2",

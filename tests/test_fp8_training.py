@@ -20,6 +20,7 @@ from conftest import tiny_config
 from multirank import run_ranks
 from pretrain.config import ConfigError
 from pretrain.trainer import Trainer, train
+from test_init_from import first_gradients
 from test_parallel_equivalence import MOE, layout_config, run_layout
 from test_trainer import read_metrics
 
@@ -172,21 +173,14 @@ def test_a_gpu_without_fp8_tensor_cores_is_refused(monkeypatch):
     assert fp8_model.device_problem(torch.device("cpu")) is None
 
 
-def _first_gradients(cfg):
-    from test_parallel_equivalence import full_gradients
-
-    trainer = Trainer(cfg)
-    return trainer.forward_backward(), full_gradients(trainer)
-
-
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_recomputation_in_fp8_gives_the_gradients_bitwise(tmp_path, tiny_corpus, recipe):
     """A recomputed layer quantizes exactly as its forward did (the weights are cached, the amaxes the same)."""
     extra = (*FP8, f"precision.fp8.recipe={recipe}", "eval.interval=0", "checkpoint.interval=0",
              "checkpoint.save_at_end=false")
-    loss, grads = _first_gradients(tiny_config(tmp_path / "none", tiny_corpus, *extra))
+    loss, grads = first_gradients(0, 1, tiny_config(tmp_path / "none", tiny_corpus, *extra))
     for policy in ("full", "selective"):
-        got_loss, got = _first_gradients(tiny_config(tmp_path / policy, tiny_corpus, *extra,
+        got_loss, got = first_gradients(0, 1, tiny_config(tmp_path / policy, tiny_corpus, *extra,
                                                      f"model.recompute={policy}"))
         assert got_loss == loss
         assert all(torch.equal(got[name], grads[name]) for name in grads), policy
@@ -196,8 +190,9 @@ def test_compiled_fp8_matches_eager_fp8(tmp_path, tiny_corpus):
     """Inductor fuses the bf16 work around the FP8 GEMMs in another order, which FP8's rounding amplifies as it
     does a layout's (see the module docstring): measured 1.3e-5 of the loss and 5.3e-2 of a gradient's norm."""
     extra = (*FP8, "eval.interval=0", "checkpoint.interval=0", "checkpoint.save_at_end=false")
-    loss, grads = _first_gradients(tiny_config(tmp_path / "eager", tiny_corpus, *extra))
-    got_loss, got = _first_gradients(tiny_config(tmp_path / "compiled", tiny_corpus, *extra, "train.compile=true"))
+    loss, grads = first_gradients(0, 1, tiny_config(tmp_path / "eager", tiny_corpus, *extra))
+    compiled = tiny_config(tmp_path / "compiled", tiny_corpus, *extra, "train.compile=true")
+    got_loss, got = first_gradients(0, 1, compiled)
     assert got_loss == pytest.approx(loss, rel=1e-4)
     for name, grad in grads.items():
         assert (got[name] - grad).norm() <= 0.1 * grad.norm() + 1e-7, name

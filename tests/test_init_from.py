@@ -41,7 +41,8 @@ def test_a_run_that_resumes_its_own_checkpoint_ignores_init_from(tmp_path, tiny_
     assert again.step == 3 and again.init_from is None  # its own step 3, not the source's weights
 
 
-def _first_gradients(rank: int, world: int, cfg):
+def first_gradients(rank: int, world: int, cfg):
+    """The first global batch's mean loss and full gradients on this rank (a function for `run_ranks`)."""
     trainer = Trainer(cfg, world, rank)
     return trainer.forward_backward(), full_gradients(trainer)
 
@@ -51,8 +52,8 @@ def test_weights_load_into_another_data_parallel_layout_and_optimizer(tmp_path, 
     distributed optimizer, which then computes one rank's first loss and gradients."""
     train(layout_config(tmp_path / "source", tiny_corpus, "train.stop_at_step=2", "checkpoint.save_at_end=true"))
     init = f"checkpoint.init_from={tmp_path}/source/run/checkpoints"
-    (one,) = run_ranks(1, _first_gradients, layout_config(tmp_path / "one", tiny_corpus, init))
-    two = run_ranks(2, _first_gradients, layout_config(tmp_path / "two", tiny_corpus, init,
+    (one,) = run_ranks(1, first_gradients, layout_config(tmp_path / "one", tiny_corpus, init))
+    two = run_ranks(2, first_gradients, layout_config(tmp_path / "two", tiny_corpus, init,
                                                        "optimizer.distributed=true"))
     assert two[0][0] == pytest.approx(one[0], rel=1e-5)
     for name, grad in one[1].items():
