@@ -1,8 +1,14 @@
-"""Tokenizers behind one interface: name, encode, decode, vocab_size, eod, pad, unique_identifiers.
+"""Tokenizers behind one interface: name, encode, decode, vocab_size, eod, pad, think_ids, unique_identifiers.
 
 Three kinds: `byte` (no files), a Hugging Face `tokenizer.json` and a SentencePiece
 `.model`. `unique_identifiers` is a plain dict because megatron-core json-serialises it
 into the description of every dataset whose index it caches.
+
+`think_ids` are the ids of `<think>` and `</think>` (the delimiters of a thought in the RLP objective,
+pretrain/objectives/rlp.py), or None where the tokenizer has none: the byte tokenizer takes the two
+spare ids after its vocabulary (they live in the model's padded vocabulary, not in `vocab_size`, so
+datasets and their cached indices are unchanged); a tokenizer.json or SentencePiece model has them
+when its vocabulary holds those two tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from parallel.errors import FoldtronError
 # End-of-document markers of common tokenizer.json files, in order of preference.
 HF_EOD_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 HF_PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")
+THINK_TOKENS = ("<think>", "</think>")
 
 
 class TokenizerError(FoldtronError, ValueError):
@@ -30,14 +37,22 @@ class ByteTokenizer:
     eod = 256  # end of document
     pad = 257
     vocab_size = 258
+    think_ids = (258, 259)  # spare ids of the padded vocabulary, outside vocab_size
     unique_identifiers = {"class": "ByteTokenizer", "vocab_size": 258}
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
-        data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
-        return data.decode("utf-8", errors="replace")
+        """The text of the byte ids; the think ids as `<think>` / `</think>`; other special ids dropped."""
+        pieces, run = [], bytearray()
+        for i in (int(i) for i in ids):
+            if 0 <= i < 256:
+                run.append(i)
+            elif i in self.think_ids:
+                pieces += [run.decode("utf-8", errors="replace"), THINK_TOKENS[self.think_ids.index(i)]]
+                run = bytearray()
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -65,6 +80,7 @@ class HFTokenizer:
             )
         self.eod = vocab[eod]
         self.pad = next((vocab[t] for t in HF_PAD_TOKENS if t in vocab), None)
+        self.think_ids = tuple(vocab[t] for t in THINK_TOKENS) if all(t in vocab for t in THINK_TOKENS) else None
         self.unique_identifiers = {"class": "HFTokenizer", "path": self.path, "vocab_size": self.vocab_size}
 
     def encode(self, text: str) -> np.ndarray:
@@ -91,6 +107,9 @@ class SentencePieceTokenizer:
                 f"{path}: the SentencePiece model has no end-of-sentence (eos) id; train it with eos_id >= 0"
             )
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        unknown = self._sp.unk_id()
+        think = tuple(self._sp.piece_to_id(t) for t in THINK_TOKENS)
+        self.think_ids = think if unknown not in think else None
         self.unique_identifiers = {"class": "SentencePieceTokenizer", "path": self.path, "vocab_size": self.vocab_size}
 
     def encode(self, text: str) -> np.ndarray:
