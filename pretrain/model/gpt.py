@@ -31,6 +31,7 @@ from pretrain.config import ModelConfig, ceil_to
 from pretrain.model import recompute
 from pretrain.model.features import ModelFeature
 from pretrain.model.gpas import GPASFeature, GPASGate
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.moe import MoE, MoEFeature
 
 
@@ -75,8 +76,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, topology: Topology):
+    """`number`: the global number of its layer, which names its keys and values in a generation cache."""
+
+    def __init__(self, cfg: ModelConfig, topology: Topology, number: int = 0):
         super().__init__()
+        self.number = str(number)
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.local_groups = cfg.query_groups // topology.tp
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
@@ -85,17 +89,25 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology)
         self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """With a generation `cache`, x holds the new tokens of every cache row flattened into one sequence
+        [1, rows x new, hidden] (see GPT.decode), and attention also sees the row's cached tokens."""
         qkv = self.qkv(x)  # [b, s, local heads and groups]: the whole local sequence, also under SP
-        b, s, _ = qkv.shape
+        shape = qkv.shape
+        b = cache.rows if cache is not None else shape[0]
+        s = shape[0] * shape[1] // b
         qkv = qkv.view(b, s, self.local_groups, self.heads_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.heads_per_group].reshape(b, s, -1, self.head_dim).transpose(1, 2)
         k = qkv[:, :, :, -2].transpose(1, 2)
         v = qkv[:, :, :, -1].transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = context_parallel.attention(q, k, v, positions=positions, cp_group=self.cp_group,
-                                      enable_gqa=self.heads_per_group > 1)
-        return self.out(y.transpose(1, 2).reshape(b, s, -1))
+        if cache is not None:
+            y = cache.attend(self.number, q, k, v, enable_gqa=self.heads_per_group > 1)
+        else:
+            y = context_parallel.attention(q, k, v, positions=positions, cp_group=self.cp_group,
+                                          enable_gqa=self.heads_per_group > 1)
+        return self.out(y.transpose(1, 2).reshape(shape[0], shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -122,7 +134,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.recompute = recompute
         self.attn_norm = Norm(cfg, topology)
-        self.attention = Attention(cfg, topology)
+        self.attention = Attention(cfg, topology, number)
         self.mlp_norm = Norm(cfg, topology)
         if cfg.moe.is_moe_layer(number):
             shared = cfg.moe.shared_expert_ffn_hidden_size
@@ -134,8 +146,11 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return recompute.run(self.recompute, self, self._forward, x, cos, sin, positions)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), cos, sin, positions)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache | None = None) -> torch.Tensor:
+        """The layer itself: `forward` adds recomputation around it; generation calls it directly with its cache
+        (no gradients, and a compiled `forward` would not take the cache)."""
+        x = x + self.attention(self.attn_norm(x), cos, sin, positions, cache)
         if self.gpas is not None:
             x = self.gpas(x)
         x = x + self.mlp(self.mlp_norm(x))
@@ -204,6 +219,29 @@ class GPT(nn.Module):
             return vocab_parallel_linear_cross_entropy(x, weight, labels, topology=self.topology,
                                                        chunk_tokens=self.cfg.loss_chunk_tokens)
         return self.output(x, entered=True) if self.output is not None else F.linear(x, weight)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Generation: run the new tokens `ids` [rows, new] of every cache row through the model, writing their
+        keys and values into `cache`, and return the logits of each row's last new token [rows, vocab / TP]
+        (this rank's vocabulary slice).
+
+        The tokens travel flattened into one sequence [1, rows x new], so that sequence parallelism splits
+        them like any sequence (rows x new must then be a multiple of TP: pad the rows) and every token-local
+        part of the model, MoE included, runs as in training; attention unflattens them by the cache's rows.
+        Pipeline and context parallelism are refused here (pretrain/generation.py checks it first)."""
+        if self.topology.pp > 1 or self.topology.cp > 1:
+            raise ValueError("generation runs without pipeline or context parallelism")
+        rows, new = ids.shape
+        positions = cache.positions(new)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+        x = self.embedding(ids.reshape(1, rows * new))
+        for i in self.stage.chunks[0]:
+            x = self.layers[str(i)]._forward(x, cos, sin, positions, cache)
+        cache.advance(new)
+        x = enter_tensor_parallel(self.final_norm(x), self.topology).view(rows, new, -1)[:, -1]
+        weight = self.output.weight if self.output is not None else self.embedding.weight
+        return F.linear(x, weight)
 
     def features(self) -> list[ModelFeature]:
         """The model features the training loop drives (see pretrain/model/features.py), on every stage of a
