@@ -54,7 +54,7 @@ def check_writable(ckpt_dir: str) -> None:
                               "choose another folder") from None
 
 
-def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool, fp8=None) -> dict:
+def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool, fp8=None, teacher=None) -> dict:
     """Keys name the shard they hold, so every rank writes (and reads) only its own part:
     `model.pp<p>.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights;
     layers keep their global numbers), `optim.pp<p>.tp<t>` for the plain optimizer (likewise replicated)
@@ -63,13 +63,18 @@ def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool,
     they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0.
     FP8 state (`fp8`, the feature of pretrain/model/fp8.py: amax histories, TE's extra state) is the same on
     every rank of a stage (its amaxes are reduced over the stage): `fp8.pp<p>`, keyed by module name,
-    written by the stage's first rank."""
+    written by the stage's first rank. RLP's EMA teacher (`teacher`, a model of the same shards) goes beside
+    the weights, under `ema.` and `ema_experts.`."""
     keys = _keys(topology, saving=saving)
-    experts = {n for n, p in model.named_parameters() if placement_of(p).expert}
-    weights = model.state_dict()
-    parts = {"weights": {k: v for k, v in weights.items() if k not in experts}}
-    if experts:
-        parts["expert_weights"] = {k: v for k, v in weights.items() if k in experts}
+    parts = {}
+    for prefix, module in (("", model), ("ema_", teacher)):
+        if module is None:
+            continue
+        experts = {n for n, p in module.named_parameters() if placement_of(p).expert}
+        weights = module.state_dict()
+        parts[prefix + "weights"] = {k: v for k, v in weights.items() if k not in experts}
+        if experts:
+            parts[prefix + "expert_weights"] = {k: v for k, v in weights.items() if k in experts}
     if optimizer is not None:  # None: the weights only (checkpoint.init_from)
         parts.update(optimizer.state_parts())
     if fp8 is not None and (fp8_state := fp8.state_dict()):
@@ -85,6 +90,8 @@ def _keys(topology, *, saving: bool) -> dict[str, tuple[str, bool]]:
     dense_writer = topology.coords["dp_cp"] == 0 or not saving
     expert_writer = topology.coords["edp"] == 0 or not saving
     return {"weights": (f"model.{dense}", dense_writer), "expert_weights": (f"experts.{expert}", expert_writer),
+            "ema_weights": (f"ema.{dense}", dense_writer),
+            "ema_expert_weights": (f"ema_experts.{expert}", expert_writer),
             "dense": (f"optim.{dense}", dense_writer), "experts": (f"optim_experts.{expert}", expert_writer),
             "own": (f"optim.{dense}.dpcp{topology.coords['dp_cp']}", True),
             "fp8": (f"fp8.pp{topology.pp_rank}", topology.index_in("tp-dp-cp") == 0 or not saving)}
@@ -92,6 +99,7 @@ def _keys(topology, *, saving: bool) -> dict[str, tuple[str, bool]]:
 
 def save(
     ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int, fp8=None,
+    teacher=None,
 ) -> str:
     """Write checkpoint `step` atomically (every rank its shards); return its folder."""
     rank = topology.rank
@@ -102,7 +110,7 @@ def save(
     barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_sharded_state(model, optimizer, topology, saving=True, fp8=fp8), checkpoint_id=tmp)
+        dcp.save(_sharded_state(model, optimizer, topology, saving=True, fp8=fp8, teacher=teacher), checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     barrier()  # every rank's files are in place before the folder is renamed
     if rank == 0:
@@ -240,16 +248,20 @@ def check_model(path: str, meta: dict, *, model_signature: dict,
         )
 
 
-def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None) -> dict:
-    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first), and the FP8 state
-    when `fp8` is given (the caller checks that the checkpoint holds the same kind); return its meta."""
+def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None, teacher=None) -> dict:
+    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first), the FP8 state
+    when `fp8` is given (the caller checks that the checkpoint holds the same kind) and RLP's EMA teacher when
+    `teacher` is (the caller checks that the checkpoint holds one); return its meta."""
     meta = read_meta(path)
     optimizer.materialize_state()
     failure = f"{path}: cannot load the checkpoint"
     with _labelled(failure):
         rng = torch.load(os.path.join(path, f"rng_rank{topology.rank}.pt"), weights_only=False)
-    parts = _read_into(model, _sharded_state(model, optimizer, topology, saving=False, fp8=fp8), path, topology,
-                       failure=failure)
+    parts = _read_into(model, _sharded_state(model, optimizer, topology, saving=False, fp8=fp8, teacher=teacher),
+                       path, topology, failure=failure)
+    teacher_state = {**parts.pop("ema_weights", {}), **parts.pop("ema_expert_weights", {})}
+    if teacher is not None:
+        teacher.load_state_dict(teacher_state)
     if "fp8" in parts:
         fp8.load_state_dict(parts.pop("fp8"))
     optimizer.load_state_parts(parts)

@@ -21,6 +21,8 @@ import yaml
 
 from data.blend import PhaseConfig, ScheduleError, SourceConfig, phase_boundaries
 from pretrain.config_fp8 import config_problems as fp8_problems
+from pretrain.config_rlp import RLPConfig
+from pretrain.config_rlp import config_problems as rlp_problems
 from parallel.errors import FoldtronError
 from parallel.pipeline import pipeline_chunks
 from parallel.topology import Sizes, TopologyError
@@ -224,7 +226,8 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["ntp"] = "ntp"  # next-token prediction
+    name: Literal["ntp", "rlp"] = "ntp"  # next-token prediction, or RLP (pretrain/objectives/rlp.py)
+    rlp: RLPConfig = field(default_factory=RLPConfig)
 
 
 @dataclass
@@ -372,7 +375,7 @@ class Config:
         self._validate_moe(e)
         self._validate_recompute_and_compile(e)
         self._validate_kernels(e)
-        for line in fp8_problems(self):
+        for line in fp8_problems(self) + rlp_problems(self):
             e.add(line)
         if s.decay != "constant" and s.min_lr > self.optimizer.lr:
             e.add(f"scheduler.min_lr={s.min_lr} is above optimizer.lr={self.optimizer.lr}: lower the floor")

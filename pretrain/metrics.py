@@ -194,6 +194,10 @@ class Metrics:
             line += " | tokens " + " ".join(f"{k} {_count(v)}" for k, v in values["tokens_by_source"].items())
         if "val_loss" in values:
             line += f" | val loss {values['val_loss']:.4f} (ppl {values['val_ppl']:.2f})"
+        if "rlp_reward" in values:
+            line += (f" | reward {values['rlp_reward']:+.4f} ({values['rlp_positive_fraction']:.0%} > 0) thought "
+                     f"{values['rlp_thought_length']:.1f} tok ({values['rlp_thought_hit_max']:.0%} at max) "
+                     f"{values['rlp_generated_tokens_per_s']:,.0f} gen tok/s")
         if "moe_aux_loss" in values:
             line += (f" | moe aux {values['moe_aux_loss']:.3f} imbalance {values['moe_load_imbalance']:.2f} "
                      f"dropped {values['moe_dropped_fraction']:.1%}")

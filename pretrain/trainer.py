@@ -35,6 +35,7 @@ from pretrain.metrics import Metrics, model_flops_per_token, peak_tflops
 from pretrain.model import GPT, model_signature, padded_vocab_size
 from pretrain.model import fp8 as fp8_model
 from pretrain.objectives import next_token_loss
+from pretrain.objectives import rlp as rlp_objective
 from pretrain.schedule import learning_rate
 
 
@@ -189,13 +190,20 @@ class Trainer:
         self.features = self.model.features() + ([self.fp8] if self.fp8 is not None else [])
         self.grads = build_gradients(self.model, cfg, topology, device=self.device)
         self.optimizer = build_optimizer(self.grads, cfg, device=self.device)
+        self.rlp = self._build_rlp() if cfg.objective.name == "rlp" else None
         # FP8 state loads only into the same kind; else (bf16 -> FP8, another recipe) the histories start afresh
         self.fp8_afresh = bool(self.resume_from and self.fp8_state() and meta.get("fp8_state") != self.fp8_state())
+        # the EMA teacher resumes with its run; it starts from the loaded weights otherwise (phi <- theta)
+        teacher_saved = self.rlp is not None and self.resume_from and meta.get("rlp_teacher", False)
         if self.resume_from:
             meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology,
-                                   fp8=None if self.fp8_afresh else self.fp8)
+                                   fp8=None if self.fp8_afresh else self.fp8,
+                                   teacher=self.rlp.teacher.model if teacher_saved else None)
         elif self.init_from:
             checkpoint.load_weights(self.init_from, model=self.model, topology=topology)
+        self.teacher_afresh = self.rlp is not None and not teacher_saved
+        if self.teacher_afresh:
+            self.rlp.teacher.reset()
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
 
@@ -215,6 +223,19 @@ class Trainer:
             peak_tflops=peak_tflops(self.device, cfg.precision.dtype, cfg.logging.peak_tflops),
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
             precision=fp8_model.precision_label(cfg.precision) if self.fp8 is not None else cfg.precision.dtype,
+        )
+
+    def _build_rlp(self) -> rlp_objective.RLP:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        try:
+            think_ids = rlp_objective.think_ids_of(cfg.objective.rlp, tokenizer, vocab_size=self.vocab_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return rlp_objective.RLP(
+            cfg.objective.rlp, model=self.model, topology=self.topology, seed=cfg.run.seed,
+            seq_length=cfg.model.seq_length, think_ids=think_ids, eod=tokenizer.eod,
+            vocab_limit=min(self.vocab_size, max(tokenizer.vocab_size, max(think_ids) + 1)), autocast=self.autocast,
+            device=self.device,
         )
 
     def layout(self) -> dict:
@@ -280,45 +301,66 @@ class Trainer:
         lr = learning_rate(step, self.cfg.train.iters, opt=self.cfg.optimizer, sched=self.cfg.scheduler)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_value = self.forward_backward()
-        if not math.isfinite(loss_value):
-            raise NonFiniteError(
-                f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
-                "or set train.grad_clip; no weights were updated and no checkpoint was written"
-            )
-        grad_norm = self.clip_gradients()
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(
-                f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
-                "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
-            )
-        self.optimizer.step()
-        for feature in self.features:
-            feature.end_step()
+        micro_batches = self.next_micro_batches()
+        updates = 1
+        if self.rlp is not None:  # the rollouts, without gradients; they serve ppo_epochs updates
+            micro_batches = [self.rlp.rollout(batch, step=step, micro_batch=i) for i, batch in enumerate(micro_batches)]
+            updates = self.cfg.objective.rlp.ppo_epochs
+        for _ in range(updates):
+            loss_value = float(self.accumulate_gradients(micro_batches))  # the loss, read: a host sync
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(
+                    f"the loss is {loss_value} at step {step}: lower optimizer.lr, raise scheduler.warmup_iters, "
+                    "or set train.grad_clip; no weights were updated and no checkpoint was written"
+                )
+            grad_norm = self.clip_gradients()
+            if not math.isfinite(grad_norm):
+                raise NonFiniteError(
+                    f"the gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f}): lower optimizer.lr or "
+                    "use precision.dtype=fp32; no weights were updated and no checkpoint was written"
+                )
+            self.optimizer.step()
+            for feature in self.features:
+                feature.end_step()
+            if self.rlp is not None:
+                self.rlp.end_update()
         self.step = step
         return loss_value, grad_norm
 
-    def forward_backward(self) -> float:
-        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss,
-        read on the host: the step's one host sync for the loss, which the loop needs to stop on NaN and to log."""
-        return float(self.accumulate_gradients())
-
-    def accumulate_gradients(self) -> torch.Tensor:
-        """`forward_backward` without reading the loss: it stays on the device. The micro-batches run through the
-        pipeline schedule (one stage: a plain accumulation loop). On a GPU, in a dense step, the host waits for the
-        device only in the token-range check, once per step before any micro-batch and only with several ranks:
-        the batches are copied without blocking, and an NCCL collective's wait makes the compute stream wait for
-        it, not the host (tests/test_devices.py checks one GPU under torch.cuda.set_sync_debug_mode)."""
-        self.grads.zero()
+    def next_micro_batches(self) -> list[torch.Tensor]:
+        """This rank's micro-batches of the next global batch (host tensors [micro, seq + 1]), counted by source
+        and checked against the vocabulary."""
         consumed = self.loader.consumed_samples
         micro_batches = self.loader.next_step()
         self.source_samples += self.data.schedule.counts(consumed, self.loader.consumed_samples)
         self.check_token_range(micro_batches)
+        return micro_batches
+
+    def forward_backward(self) -> float:
+        """Gradients of the next global batch (for RLP: of its rollouts), reduced over the data-parallel ranks;
+        returns its mean loss, read on the host: the step's one host sync for the loss, which the loop needs to
+        stop on NaN and to log."""
+        micro_batches = self.next_micro_batches()
+        if self.rlp is not None:
+            micro_batches = [self.rlp.rollout(batch, step=self.step + 1, micro_batch=i)
+                             for i, batch in enumerate(micro_batches)]
+        return float(self.accumulate_gradients(micro_batches))
+
+    def accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
+        """The gradients of `micro_batches` (samples; for RLP their rollouts), the loss kept on the device. The
+        micro-batches run through the pipeline schedule (one stage: a plain accumulation loop). On a GPU, in a
+        dense next-token step, the host waits for the device only in the token-range check, once per step before
+        any micro-batch and only with several ranks: the batches are copied without blocking, and an NCCL
+        collective's wait makes the compute stream wait for it, not the host (tests/test_devices.py checks one
+        GPU under torch.cuda.set_sync_debug_mode). RLP's rollouts read their samples on the host."""
+        self.grads.zero()
         count = len(micro_batches)
         for feature in self.features:
             feature.begin_step(count)
 
         def forward(i: int, chunk: int, received):
+            if self.rlp is not None:  # one stage (the config refuses pipelines for RLP)
+                return self.rlp.loss(micro_batches[i]) / count
             output = self.stage_forward(micro_batches[i], received, chunk)
             return output / count if self.stage.ends_model(chunk) else output  # the loss: a mean over micro-batches
 
@@ -390,12 +432,14 @@ class Trainer:
             "data_signature": data_signature(self.cfg),
             "layout": self.layout(),
             "fp8_state": self.fp8_state(),
+            "rlp_teacher": self.rlp is not None,
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
         }
         path = checkpoint.save(
             self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, topology=self.topology, meta=meta,
             keep_last=self.cfg.checkpoint.keep_last, fp8=self.fp8,
+            teacher=self.rlp.teacher.model if self.rlp is not None else None,
         )
         self.last_saved = self.step
         if self.is_main:
@@ -430,6 +474,11 @@ class Trainer:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
         if self.init_from:
             lines.append(f"initialised from {self.init_from} (its weights; a fresh optimizer, schedule and data)")
+        if self.rlp is not None:
+            r = self.cfg.objective.rlp
+            lines.append(f"objective: RLP, {r.group_size} thoughts of up to {r.max_thought_tokens} tokens per context, "
+                         f"{r.positions_per_sequence} context(s) per sample; EMA teacher (tau {r.tau}) "
+                         + ("from the weights at the start" if self.teacher_afresh else "resumed"))
         if self.fp8_afresh:
             lines.append(f"FP8: the checkpoint holds no {self.fp8_state()} state; the amax histories start afresh")
         if self.step >= t.iters:
@@ -509,6 +558,8 @@ class Trainer:
                 record["val_loss_by_source"] = validation
         for feature in self.features:
             record.update(feature.metrics())
+        if self.rlp is not None:
+            record.update(self.rlp.metrics())
         return record
 
 

@@ -173,7 +173,7 @@ def synchronising_calls(rank, world, cfg):
     torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        loss = trainer.accumulate_gradients()
+        loss = trainer.accumulate_gradients(trainer.next_micro_batches())
         torch.cuda.set_sync_debug_mode("default")
         trainer.clip_gradients()
         with warnings.catch_warnings(record=True) as caught:
