@@ -134,6 +134,7 @@ class Rollout:
     thought_tokens: int  # sampled thought tokens (the row's |c|, summed)
     seconds: float  # of generation
     old_logp: torch.Tensor | None = None  # [rows, length], set by the first update
+    rewards: torch.Tensor | None = None  # [rows], set by the first update
     advantage: torch.Tensor | None = None  # [rows], set by the first update
 
 
@@ -208,6 +209,7 @@ class RLP:
         if first:  # the rollout-time policy is the one of the first update
             target_logp = logp.detach().gather(1, rows.target_index[:, None]).squeeze(1)
             rewards = target_logp - rollout.teacher_logp.repeat_interleave(c.group_size)
+            rollout.rewards = rewards
             rollout.advantage = advantages(rewards.view(-1, c.group_size)).flatten()
             rollout.old_logp = logp.detach()
             self._record(rollout, rewards, target_logp)
