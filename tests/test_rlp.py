@@ -6,6 +6,8 @@ import torch
 
 from conftest import tiny_config
 from multirank import run_ranks
+from parallel.collectives import all_gather_dim
+from parallel.placement import placement_of
 from pretrain.config import ConfigError
 from pretrain.objectives import rlp
 from pretrain.objectives.rlp import advantages, clipped_surrogate, kl_to_teacher, score_rows
@@ -205,6 +207,43 @@ def test_layouts_equal_one_rank_on_the_same_rollouts(tmp_path, tiny_corpus, layo
             torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-7)
         assert got_metrics["rlp_reward"] == pytest.approx(metrics["rlp_reward"], rel=1e-5, abs=1e-6)
     assert abs(loss) > 0 and any(g.abs().sum() > 0 for g in grads.values())
+
+
+def _gathered(module, topology) -> dict[str, torch.Tensor]:
+    full = {}
+    for name, p in module.named_parameters():
+        t = p.detach().clone()
+        for piece in placement_of(p).splits:
+            if piece.size > 1:
+                t = all_gather_dim(t, piece.dim, topology.groups[piece.group])
+        full[name] = t
+    return full
+
+
+def _one_update(rank, world, cfg, table):
+    """One optimizer step (its rollouts recorded, or replayed from `table`): the full tensors of the teacher
+    before and after it and of the policy after it."""
+    trainer = Trainer(cfg, world, rank)
+    recorded = _record_thoughts(trainer) if table is None else _replay(trainer, table)
+    before = _gathered(trainer.rlp.teacher.model, trainer.topology)
+    trainer.train_step()
+    return (before, _gathered(trainer.rlp.teacher.model, trainer.topology), _gathered(trainer.model, trainer.topology),
+            recorded)
+
+
+def test_the_teacher_on_tp2_holds_the_slices_of_the_one_rank_teacher(tmp_path, tiny_corpus):
+    """TP2's teacher starts as one rank's, bitwise, and each rank's shard follows its own policy shard; the policy
+    after one step equals one rank's up to Adam's first step, which turns a 1e-4 relative gradient difference
+    on an entry near zero into up to 2 lr of weight."""
+    (one,) = run_ranks(1, _one_update, rlp_config(tmp_path / "one", tiny_corpus, "objective.rlp.tau=0.5"), None)
+    two = run_ranks(2, _one_update, rlp_config(tmp_path / "two", tiny_corpus, "objective.rlp.tau=0.5",
+                                               "parallel.tensor=2", "parallel.sequence_parallel=true"), one[3])
+    for before, after, policy, _ in two:
+        for name in one[0]:
+            assert torch.equal(before[name], one[0][name]), name
+            torch.testing.assert_close(after[name], 0.5 * before[name] + 0.5 * policy[name], rtol=3e-7, atol=1e-9)
+            off = ((after[name] - one[1][name]).abs() > 1e-6).float().mean()
+            assert off < 0.01, (name, off)  # the few entries whose gradient is near zero
 
 
 def test_an_rlp_run_resumes_bitwise(tmp_path, tiny_corpus):
