@@ -50,7 +50,9 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
     receives the estimate of each (stage, tp rank) as a dict of bytes (what --json writes)."""
     import torch
 
-    from launch.estimate import activation_bytes, activation_terms, human_bytes, parameters_per_tp_rank, state_bytes
+    from launch.estimate import (
+        activation_bytes, activation_terms, human_bytes, kv_cache_bytes, parameters_per_tp_rank, state_bytes,
+    )
     from parallel.pipeline import PipelineSchedule, bubble_fraction, describe_chunks, pipeline_chunks
     from parallel.topology import Topology, TopologyError, describe
     from pretrain.model import GPT
@@ -94,6 +96,9 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
     sharded = cfg.optimizer.distributed
     shards = sizes.dp * sizes.cp if sharded else 1
     element_bytes = 4 if cfg.precision.dtype == "fp32" else 2
+    rlp = cfg.objective.rlp if cfg.objective.name == "rlp" else None
+    # RLP's forward with gradients runs every thought of a micro-batch's contexts: G x positions rows per sample
+    rows = cfg.train.micro_batch_size * (rlp.group_size * rlp.positions_per_sequence if rlp else 1)
 
     def activations(stage: int) -> tuple[float, float]:
         """(activations, the autocast weight copies among them) of one of this stage's chunks, with the micro-batch
@@ -103,10 +108,9 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
         shapes = dict(tp=p.tensor, cp=p.context, sequence_parallel=p.sequence_parallel and p.tensor > 1,
                       element_bytes=element_bytes, residual_bytes=WEIGHT_BYTES, ep=sizes.ep, etp=sizes.expert_tp)
         in_flight = schedule.most_in_flight(stage)
-        terms = activation_terms(chunk_model, cfg.train.micro_batch_size, vocab_size, **shapes)
+        terms = activation_terms(chunk_model, rows, vocab_size, **shapes)
         copies = terms["weight_copies"] if chunk_model.recompute != "none" else terms["weight_copies"] * in_flight
-        return activation_bytes(chunk_model, cfg.train.micro_batch_size, vocab_size, **shapes,
-                                in_flight=in_flight), copies
+        return activation_bytes(chunk_model, rows, vocab_size, **shapes, in_flight=in_flight), copies
 
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",
@@ -114,12 +118,18 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
         + (f"sharded over DP x CP = {shards} ranks"
            + (f" (experts: over EDP = {sizes.edp})" if m.moe.num_experts else "")
            if sharded else "not sharded (optimizer.distributed off)"),
-        f"  {cfg.precision.dtype} activations of one micro-batch of {cfg.train.micro_batch_size} x {m.seq_length} "
-        f"tokens, recomputation {m.recompute}"
+        f"  {cfg.precision.dtype} activations of one micro-batch of {rows} x {m.seq_length} "
+        + (f"tokens (RLP: {cfg.train.micro_batch_size} samples x {rlp.positions_per_sequence} positions x "
+           f"{rlp.group_size} thoughts)" if rlp else "tokens")
+        + f", recomputation {m.recompute}"
         + (f" of {m.recompute_layers} layer(s) per stage" if m.recompute == "full" and m.recompute_layers else "")
         + (" (times the micro-batch chunks in flight on a stage)" if p.pipeline > 1 else "")
         + (", with the bf16 weight copies autocast keeps" if element_bytes < WEIGHT_BYTES else ""),
     ]
+    if rlp:
+        lines.append(f"  RLP: an fp32 EMA teacher (as the weights) and the key-value cache of sampling, {rows} rows "
+                     f"of up to {m.seq_length} tokens (freed before the forward with gradients, yet added to the "
+                     "total: an over-estimate)")
     if cfg.precision.fp8.enabled:  # the FP8 layers keep two e4m3 copies of a weight (2 bytes, as bf16's one)
         lines.append("  FP8 counted as bf16: an over-estimate, as its linear layers save their inputs in one byte "
                      "(tensorwise, delayed)")
@@ -128,6 +138,10 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
         experts = state_bytes(c.expert, WEIGHT_BYTES, sizes.edp if sharded else 1)
         acts, copies = activations(c.stage)
         parts = {**{k: dense[k] + experts[k] for k in dense}, "activations": acts}
+        if rlp:
+            parts["teacher"] = 4 * c.total
+            parts["kv_cache"] = kv_cache_bytes(m, rows, tp=p.tensor, element_bytes=element_bytes,
+                                               layers=max(len(r) for r in chunks[c.stage]))
         if memory is not None:
             memory.append({"stage": c.stage, "tp_rank": c.tp_rank, "parameters": c.total, **parts,
                            "total": sum(parts.values()), "autocast_weight_copies": copies})

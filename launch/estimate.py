@@ -256,6 +256,13 @@ def layer_matmul_weights(m: ModelConfig, *, tp: int = 1, ep: int = 1, etp: int =
     return attention + per_mlp * h * f / tp, moe
 
 
+def kv_cache_bytes(m: ModelConfig, rows: int, *, tp: int, element_bytes: int, layers: int) -> float:
+    """The key-value cache of generation (pretrain/model/kv_cache.py): keys and values of this rank's query groups,
+    for `rows` sequences of up to seq_length tokens, in every layer of the stage."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    return 2.0 * layers * rows * (m.query_groups // tp) * head_dim * m.seq_length * element_bytes
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     units = ["B", "KiB", "MiB", "GiB", "TiB"]

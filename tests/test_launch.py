@@ -325,3 +325,27 @@ def test_dry_run_validates_fp8_and_says_how_it_counts_it(capsys):
     assert "FP8 counted as bf16: an over-estimate" in out
     code, out, err = dry_run(capsys, "precision.fp8.enabled=true", "--world-size", "1")  # fp32: refused
     assert code != 0 and "needs precision.dtype=bf16" in err
+
+
+def test_dry_run_counts_rlp_rows_teacher_and_cache(capsys, tmp_path):
+    """RLP's forward with gradients runs micro x positions x G rows; its teacher is one more fp32 copy of the
+    weights; the cache holds keys and values of those rows (2 x layers x rows x groups x head_dim x seq)."""
+    path = tmp_path / "estimate.json"
+    rlp = ("objective.name=rlp", "objective.rlp.group_size=4", "objective.rlp.max_thought_tokens=64",
+           "objective.rlp.positions_per_sequence=2")
+    code, out, err = dry_run(capsys, *rlp, "--world-size", "1", "--json", str(path))
+    assert code == 0, err
+    with open(path) as f:
+        (r,) = json.load(f)["memory_per_rank"]
+    code, _, err = dry_run(capsys, "train.micro_batch_size=64", "train.global_batch_size=64", "--world-size", "1",
+                           "--json", str(tmp_path / "n"))
+    assert code == 0, err
+    with open(tmp_path / "n") as f:
+        (ntp,) = json.load(f)["memory_per_rank"]
+    cfg = load_config(QUICKSTART, [])
+    m = cfg.model
+    assert cfg.train.micro_batch_size * 2 * 4 == 64 and "64 x 128 tokens (RLP: 8 samples x 2 positions" in out
+    assert r["activations"] == ntp["activations"] and r["teacher"] == r["weights"]
+    assert r["kv_cache"] == 2 * m.num_layers * 64 * m.query_groups * (m.hidden_size // m.num_attention_heads) * 128 * 4
+    assert r["total"] == sum(r[k] for k in ("weights", "gradients", "optimizer", "activations", "teacher",
+                                            "kv_cache"))
