@@ -129,7 +129,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *, generator: 
         ids[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
     start = torch.tensor([longest - len(p) for p in padded_prompts], device=device)
     cache = KVCache(start=start, capacity=longest + sampling.max_new_tokens)
-    out = Generation(tokens=[[] for _ in range(rows)], stopped=[False] * rows)
+    out = Generation(tokens=[], stopped=[])
     stops = torch.tensor(sampling.stop_ids, dtype=torch.long, device=device)
     with _evaluating(model), autocast():
         logits = model.decode(ids.to(device), cache)
@@ -137,27 +137,30 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *, generator: 
             index = torch.arange(len(prompts), device=device).repeat_interleave(share_prefill)
             index = torch.cat([index, index[-1:].expand(-rows % multiple)])
             cache, logits = cache.select(index), logits[index]
-        done = torch.zeros(cache.rows, dtype=torch.bool, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        drawn = torch.empty(rows, sampling.max_new_tokens, dtype=torch.long, device=device)
+        lengths = torch.full((rows,), sampling.max_new_tokens, dtype=torch.long, device=device)
         for step in range(sampling.max_new_tokens):
             full = gather_along(logits, -1, topology.tp_group).float()  # [rows, vocab]
             if keep_logits:
                 out.logits.append(full[:rows].clone())
             token = sample(full[:rows], sampling, generator)  # the padding rows draw nothing: the same stream
-            token = torch.cat([token, token[-1:].expand(cache.rows - rows)])
             if topology.tp > 1:
                 torch.distributed.broadcast(token, src=topology.members["tp"][0], group=topology.tp_group)
-            live = ~done
-            for r in live[:rows].nonzero().flatten().tolist():
-                out.tokens[r].append(int(token[r]))
-            hit = torch.isin(token, stops) & live
+            drawn[:, step] = token
+            hit = torch.isin(token, stops) & ~done
+            lengths = torch.where(hit, step + 1, lengths)
             done |= hit
-            for r in hit[:rows].nonzero().flatten().tolist():
-                out.stopped[r] = True
             out.steps = step + 1
-            more = not bool(done[:rows].all()) and step + 1 < sampling.max_new_tokens
+            # the step's one host sync: whether any row on any rank goes on
+            more = step + 1 < sampling.max_new_tokens and not bool(done.all())
             if not distributed.any_rank(more, device=device)[0]:
                 break
+            token = torch.cat([token, token[-1:].expand(cache.rows - rows)])
             logits = model.decode(token[:, None], cache)
+    drawn, lengths, done = drawn[:, :out.steps].tolist(), lengths.tolist(), done.tolist()
+    out.tokens = [row[:n] for row, n in zip(drawn, lengths)]
+    out.stopped = done
     out.seconds = time.perf_counter() - started
     return out
 
