@@ -295,18 +295,15 @@ class Trainer:
         return value
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (loss, grad norm), the same on every rank. On a GPU
-        the host waits for the device where it reads these two (see accumulate_gradients for the rest)."""
+        """One optimizer step over the global batch (RLP: objective.rlp.ppo_epochs of them on its rollouts); returns
+        (loss, grad norm) of the last, the same on every rank. On a GPU the host waits for the device where it
+        reads these two (see accumulate_gradients for the rest)."""
         step = self.step + 1
         lr = learning_rate(step, self.cfg.train.iters, opt=self.cfg.optimizer, sched=self.cfg.scheduler)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = self.next_micro_batches()
-        updates = 1
-        if self.rlp is not None:  # the rollouts, without gradients; they serve ppo_epochs updates
-            micro_batches = [self.rlp.rollout(batch, step=step, micro_batch=i) for i, batch in enumerate(micro_batches)]
-            updates = self.cfg.objective.rlp.ppo_epochs
-        for _ in range(updates):
+        micro_batches = self.step_inputs(step)
+        for _ in range(self.cfg.objective.rlp.ppo_epochs if self.rlp is not None else 1):  # RLP reuses its rollouts
             loss_value = float(self.accumulate_gradients(micro_batches))  # the loss, read: a host sync
             if not math.isfinite(loss_value):
                 raise NonFiniteError(
@@ -336,15 +333,18 @@ class Trainer:
         self.check_token_range(micro_batches)
         return micro_batches
 
-    def forward_backward(self) -> float:
-        """Gradients of the next global batch (for RLP: of its rollouts), reduced over the data-parallel ranks;
-        returns its mean loss, read on the host: the step's one host sync for the loss, which the loop needs to
-        stop on NaN and to log."""
+    def step_inputs(self, step: int) -> list:
+        """What the micro-batches of step `step` compute on: their samples, or for RLP their rollouts (sampled
+        here, without gradients)."""
         micro_batches = self.next_micro_batches()
-        if self.rlp is not None:
-            micro_batches = [self.rlp.rollout(batch, step=self.step + 1, micro_batch=i)
-                             for i, batch in enumerate(micro_batches)]
-        return float(self.accumulate_gradients(micro_batches))
+        if self.rlp is None:
+            return micro_batches
+        return [self.rlp.rollout(batch, step=step, micro_batch=i) for i, batch in enumerate(micro_batches)]
+
+    def forward_backward(self) -> float:
+        """Gradients of the next global batch, reduced over the data-parallel ranks; returns its mean loss, read
+        on the host: the step's one host sync for the loss, which the loop needs to stop on NaN and to log."""
+        return float(self.accumulate_gradients(self.step_inputs(self.step + 1)))
 
     def accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
         """The gradients of `micro_batches` (samples; for RLP their rollouts), the loss kept on the device. The
