@@ -79,21 +79,22 @@ def serialize_kernel_launches(cfg) -> None:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
-def report(err: Exception, world_size: int, rank: int) -> None:
+def report(err: Exception, world_size: int, rank: int, *, program: str = "foldtron") -> None:
     """The error line, once over the ranks. Before the process group starts, an error comes from the config and
     the layout, the same on every rank: rank 0 prints it (the others wait, see QUIET_WAIT_SECONDS). From then on
-    the ranks can fail differently: each different line is printed by the first rank that has it."""
+    the ranks can fail differently: each different line is printed by the first rank that has it. `program`
+    names the command in the line (a tool's name)."""
     from pretrain import distributed
     from pretrain.cli import one_line, print_error
 
-    who = f"foldtron (rank {rank}/{world_size})"
+    who = f"{program} (rank {rank}/{world_size})"
     if world_size == 1:
-        print_error("foldtron", err)
+        print_error(program, err)
     elif distributed.started():
         if distributed.first_to_report(one_line(err)):
             print_error(who, err)
     elif rank == 0:
-        print_error("foldtron", err)
+        print_error(program, err)
     else:
         with contextlib.suppress(KeyboardInterrupt):
             time.sleep(QUIET_WAIT_SECONDS)

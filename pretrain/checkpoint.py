@@ -208,14 +208,15 @@ def check_compatible(path: str, meta: dict, *, model_signature: dict, layout: di
 WEIGHT_LAYOUT = ("tp", "pp", "ep", "etp", "pipeline_layers")  # what the weights' shards depend on (not DP or CP)
 
 
-def resolve_init(path: str) -> str:
-    """The checkpoint `checkpoint.init_from` names: a checkpoint folder, or a checkpoint.dir (its latest)."""
+def resolve_init(path: str, *, label: str | None = None) -> str:
+    """The checkpoint `checkpoint.init_from` names: a checkpoint folder, or a checkpoint.dir (its latest).
+    `label`: how an error names the path (default `checkpoint.init_from='PATH'`; a tool: its argument)."""
     if os.path.isfile(os.path.join(path, META)):
         return path
     latest = resolve("auto", path) if os.path.isdir(path) else None
     if latest is None:
-        raise CheckpointError(f"checkpoint.init_from={path!r}: no foldtron checkpoint there (a step_* folder with "
-                              f"{META}, or a checkpoint.dir holding one)")
+        raise CheckpointError(f"{label or f'checkpoint.init_from={path!r}'}: no foldtron checkpoint there (a step_* "
+                              f"folder with {META}, or a checkpoint.dir holding one)")
     return latest
 
 
@@ -269,11 +270,11 @@ def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None, te
     return meta
 
 
-def load_weights(path: str, *, model: torch.nn.Module, topology) -> None:
+def load_weights(path: str, *, model: torch.nn.Module, topology, label: str | None = None) -> None:
     """Only the model's weights from `path` (checked with `check_weights_compatible` first), for a fresh run:
-    no optimizer state, step, data position or random state."""
+    no optimizer state, step, data position or random state. `label`: how an error names the path."""
     _read_into(model, _sharded_state(model, None, topology, saving=False), path, topology,
-               failure=f"checkpoint.init_from={path}: cannot load its weights")
+               failure=f"{label or f'checkpoint.init_from={path}'}: cannot load its weights")
 
 
 @contextlib.contextmanager

@@ -42,6 +42,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     return _build(Config, raw, "")
 
 
+def config_from_dict(raw: dict) -> Config:
+    """A config from its dict form (`Config.to_dict()`, as a checkpoint's meta.json holds it), checked like a file."""
+    return _build(Config, raw, "")
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key or "." not in key:
