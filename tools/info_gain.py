@@ -68,26 +68,33 @@ def information_gain(trainer: Trainer, *, batches: int) -> dict:
             "thoughts": int(r.numel())}
 
 
+def measure(config: str | None, overrides: list[str], checkpoint: str, *, batches: int | None = None) -> dict:
+    """`information_gain` of `checkpoint` under the config's RLP settings and validation data, and the config."""
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer's run folder: nothing is trained or saved
+        cfg = load_config(config, overrides + [
+            "objective.name=rlp", f"checkpoint.init_from={checkpoint}", "checkpoint.resume=none",
+            f"run.dir={scratch}", "checkpoint.dir=null", "logging.tensorboard=false", "data.prefetch=0"])
+        trainer = Trainer(cfg)
+        try:
+            result = information_gain(trainer, batches=batches or cfg.eval.iters)
+        finally:
+            trainer.loader.close()
+    return {**result, "checkpoint": trainer.init_from, "group_size": cfg.objective.rlp.group_size}
+
+
 def main(argv: list[str]) -> int:
     args = parse_command(argv, _parse, program="info_gain", usage=USAGE)
     if isinstance(args, int):
         return args
     try:
-        with tempfile.TemporaryDirectory() as scratch:  # the trainer's run folder: nothing is trained or saved
-            cfg = load_config(args.config, args.overrides + [
-                "objective.name=rlp", f"checkpoint.init_from={args.checkpoint}", "checkpoint.resume=none",
-                f"run.dir={scratch}", "checkpoint.dir=null", "logging.tensorboard=false", "data.prefetch=0"])
-            trainer = Trainer(cfg)
-            result = information_gain(trainer, batches=args.batches or cfg.eval.iters)
-            trainer.loader.close()
+        result = measure(args.config, args.overrides, args.checkpoint, batches=args.batches)
     except USER_ERRORS as err:
         print_error("info_gain", err)
         return 1
-    result["checkpoint"] = trainer.init_from
     print(f"{result['checkpoint']}: held-out information gain {result['information_gain']:+.4f} nats per position "
           f"(log p with a thought {result['logp_with_thought']:.4f}, without {result['logp_without']:.4f}; "
           f"{result['positive_fraction']:.0%} of thoughts help; thoughts of {result['thought_length']:.1f} tokens) "
-          f"over {result['positions']} positions x {cfg.objective.rlp.group_size} thoughts")
+          f"over {result['positions']} positions x {result['group_size']} thoughts")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
