@@ -6,17 +6,19 @@ A config names them as prefixes `embedded:NAME`:
 - `tests`: the test suites (files under test/ or tests/ folders, or named test_*.py);
 - `docs`: documentation text, the docstrings of the library modules, one document per module.
 
-Each is built once into a cache folder (sorted files, so the same on every run): JSON
-Lines first, then a byte-tokenized Megatron indexed dataset; later runs reuse it.
+Every corpus yields its documents as byte-tokenizer ids, so that one path builds them all (a corpus of
+token ids, such as one holding the think ids that no text encodes to, needs no text form). Each is built
+once into a cache folder, deterministically (sorted files), as a Megatron indexed dataset whose name
+carries the corpus's version (the Python version for the standard library); later runs reuse it.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import os
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -74,8 +76,32 @@ def _docs() -> Iterator[dict]:
             yield {"text": "\n\n".join(texts) + "\n", "path": doc["path"]}
 
 
-CORPORA: dict[str, Callable[[], Iterator[dict]]] = {
-    "stdlib": stdlib_documents, "code": _code, "tests": _tests, "docs": _docs,
+@dataclass(frozen=True)
+class Corpus:
+    """An embedded corpus: its documents as byte-tokenizer ids (each ending in the eod id), and a version that
+    changes whenever they would (it names the cached dataset, so a changed corpus is rebuilt, not reused)."""
+
+    documents: Callable[[], Iterator[np.ndarray]]
+    version: str
+
+
+def _text(documents: Callable[[], Iterator[dict]]) -> Corpus:
+    """A corpus of text documents ({"text", ...}), byte-tokenized; its version is the Python's."""
+    tokenizer = ByteTokenizer()
+
+    def ids() -> Iterator[np.ndarray]:
+        for doc in documents():
+            yield np.append(tokenizer.encode(doc["text"]), tokenizer.eod)
+
+    return Corpus(ids, f"py{sys.version_info.major}{sys.version_info.minor}")
+
+
+# the text corpora, as documents {"text", "path"}
+TEXTS: dict[str, Callable[[], Iterator[dict]]] = {"stdlib": stdlib_documents, "code": _code, "tests": _tests,
+                                                  "docs": _docs}
+
+CORPORA: dict[str, Corpus] = {
+    **{name: _text(documents) for name, documents in TEXTS.items()},
 }
 
 
@@ -85,24 +111,11 @@ def embedded_prefix(name: str, cache_dir: str | None = None) -> str:
         raise DatasetError(f"{PREFIX}{name}: unknown embedded corpus; "
                            f"choose one of {', '.join(PREFIX + n for n in CORPORA)}")
     cache = cache_dir or default_cache_dir()
-    prefix = os.path.join(cache, f"{name}-py{sys.version_info.major}{sys.version_info.minor}-byte")
-    if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
-        return prefix
-    os.makedirs(cache, exist_ok=True)
-    jsonl = prefix + ".jsonl"
-    tmp = f"{jsonl}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in CORPORA[name]():
-            f.write(json.dumps(doc) + "\n")
-    os.replace(tmp, jsonl)
-    tokenizer = ByteTokenizer()
-
-    def documents():
-        with open(jsonl, encoding="utf-8") as f:
-            for line in f:
-                yield np.append(tokenizer.encode(json.loads(line)["text"]), tokenizer.eod)
-
-    write_indexed_dataset(prefix, documents(), token_dtype(tokenizer.vocab_size))
+    corpus = CORPORA[name]
+    prefix = os.path.join(cache, f"{name}-{corpus.version}-byte")
+    if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
+        # uint16 also holds ids past vocab_size, such as the think ids
+        write_indexed_dataset(prefix, corpus.documents(), token_dtype(ByteTokenizer.vocab_size))
     return prefix
 
 

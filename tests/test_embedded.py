@@ -1,6 +1,6 @@
 import numpy as np
 
-from data.embedded import CORPORA, embedded_prefix, resolve_prefix, stdlib_documents
+from data.embedded import TEXTS, embedded_prefix, resolve_prefix, stdlib_documents
 from data.indexed import open_indexed_dataset
 from data.tokenizers import ByteTokenizer
 
@@ -22,12 +22,12 @@ def test_embedded_corpus_is_the_standard_library_byte_tokenized(tmp_path):
 
 
 def test_code_tests_and_docs_split_the_library():
-    code = {d["path"] for d in CORPORA["code"]()}
-    tests = {d["path"] for d in CORPORA["tests"]()}
+    code = {d["path"] for d in TEXTS["code"]()}
+    tests = {d["path"] for d in TEXTS["tests"]()}
     assert code and tests and not code & tests
     assert code | tests == {d["path"] for d in stdlib_documents()}
     assert all("/test/" in "/" + p or "/tests/" in "/" + p or p.split("/")[-1].startswith("test_") for p in tests)
-    docs = {d["path"]: d["text"] for d in CORPORA["docs"]()}
+    docs = {d["path"]: d["text"] for d in TEXTS["docs"]()}
     assert set(docs) <= code and "json/__init__.py" in docs
     assert "JSON (JavaScript Object Notation)" in docs["json/__init__.py"]
 
