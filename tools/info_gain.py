@@ -73,7 +73,8 @@ def measure(config: str | None, overrides: list[str], checkpoint: str, *, batche
     with tempfile.TemporaryDirectory() as scratch:  # the trainer's run folder: nothing is trained or saved
         cfg = load_config(config, overrides + [
             "objective.name=rlp", f"checkpoint.init_from={checkpoint}", "checkpoint.resume=none",
-            f"run.dir={scratch}", "checkpoint.dir=null", "logging.tensorboard=false", "data.prefetch=0"])
+            f"run.dir={scratch}", "checkpoint.dir=null", "logging.tensorboard=false", "data.prefetch=0",
+            "eval.interval=1"])  # the trainer opens the held-out streams for evaluation only
         trainer = Trainer(cfg)
         try:
             result = information_gain(trainer, batches=batches or cfg.eval.iters)
