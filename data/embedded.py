@@ -1,15 +1,19 @@
-"""The embedded corpora: the running Python's standard library, as real text every machine has.
+"""The embedded corpora: the running Python's standard library, as real text every machine has, and synthetic
+problems where a thought helps (for RLP).
 
 A config names them as prefixes `embedded:NAME`:
 - `stdlib`: every source file of the standard library;
 - `code`: the library modules without their tests;
 - `tests`: the test suites (files under test/ or tests/ folders, or named test_*.py);
-- `docs`: documentation text, the docstrings of the library modules, one document per module.
+- `docs`: documentation text, the docstrings of the library modules, one document per module;
+- `digits`, `digits-think`: key sequences on a digit calculator, without and with their worked values as
+  thoughts between the think ids (data/thinking.py).
 
 Every corpus yields its documents as byte-tokenizer ids, so that one path builds them all (a corpus of
 token ids, such as one holding the think ids that no text encodes to, needs no text form). Each is built
-once into a cache folder, deterministically (sorted files), as a Megatron indexed dataset whose name
-carries the corpus's version (the Python version for the standard library); later runs reuse it.
+once into a cache folder, deterministically (sorted files, fixed seeds), as a Megatron indexed dataset
+whose name carries the corpus's version (the Python version for the standard library, the generator's
+for the synthetic ones); later runs reuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from data import thinking
 from data.indexed import DatasetError, token_dtype, write_indexed_dataset
 from data.tokenizers import ByteTokenizer
 
@@ -102,6 +107,8 @@ TEXTS: dict[str, Callable[[], Iterator[dict]]] = {"stdlib": stdlib_documents, "c
 
 CORPORA: dict[str, Corpus] = {
     **{name: _text(documents) for name, documents in TEXTS.items()},
+    "digits": Corpus(lambda: thinking.documents(think=False), thinking.VERSION),
+    "digits-think": Corpus(lambda: thinking.documents(think=True), thinking.VERSION),
 }
 
 
