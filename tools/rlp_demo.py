@@ -41,7 +41,7 @@ def _parse(argv: list[str]):
     parser.add_argument("--quiet", action="store_true")  # the runs' own output hidden (tests)
     args, overrides = parser.parse_known_args(argv)
     if any("=" not in o for o in overrides):
-        raise parser.error(f"unexpected arguments {[o for o in overrides if '=' not in o]}")
+        parser.error(f"unexpected arguments {[o for o in overrides if '=' not in o]}")
     args.overrides = overrides
     return args
 
