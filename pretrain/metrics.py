@@ -33,7 +33,7 @@ PEAK_TFLOPS = {
 def model_flops_per_token(m, vocab_size: int) -> float:
     """Training FLOPs per token of the model config `m` (see the module docstring)."""
     h, f, layers = m.hidden_size, m.ffn_size, m.num_layers
-    d = h // m.num_attention_heads
+    d = m.head_size
     attention = h * (m.num_attention_heads + 2 * m.query_groups) * d + m.num_attention_heads * d * h
     mlp = (3 if m.activation == "swiglu" else 2) * h
     moe_layers = sum(m.moe.is_moe_layer(i) for i in range(layers)) if m.moe.num_experts else 0
