@@ -5,11 +5,11 @@ caller's back. The distributed optimizer needs the weights to live in one flat b
 like the gradients (so that the slice it steps is a slice of both): the caller makes them so with
 `adopt_flat_storage`, explicitly, and passes the buffer in.
 
-For checkpoints both give their state as named parts (`state_parts`), so that the checkpoint code
-knows which ranks hold equal copies without looking inside the optimizer:
-- "dense" / "experts" (plain AdamW): the states of dense and of expert weights, equal on every rank
-  of the weights' data group (DP x CP; EDP);
-- "own" (distributed): this rank's slices only.
+For checkpoints both give their state by the weight it belongs to (`state_pieces`): for every tensor the
+inner optimizer steps, the model weight, the flat range of the weight's local tensor that it covers (all of
+it for plain AdamW; the part inside this rank's bucket slices for the distributed one) and its Adam state.
+The checkpoint code turns the range into boxes of the global tensor (pretrain/checkpoint_state.py), so
+that a checkpoint of either optimizer, of any layout, loads into either.
 
 The inner optimizer is torch's AdamW (`impl="torch"`, the reference) or NVIDIA apex's FusedAdam (`impl="apex"`,
 parallel/apex_backend.py); either way the states are given and taken in torch AdamW's layout, so a checkpoint
@@ -24,7 +24,6 @@ from parallel import apex_backend
 from parallel.buckets import BucketLayout
 from parallel.collectives import all_gather_into
 from parallel.data_parallel import GradReducer
-from parallel.placement import placement_of
 
 
 def adopt_flat_storage(layout: BucketLayout, device: torch.device) -> torch.Tensor:
@@ -89,16 +88,34 @@ class _AdamW:
         for t in tensors:
             t.grad = None
 
-    def _indexed_state(self) -> dict:
-        """The inner state in torch AdamW's layout, keyed by the tensor's index as a string."""
-        state = self.inner.state_dict()
-        if self.impl == "apex":
-            state = apex_backend.to_torch_state(state)
-        return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+    def _ranges(self) -> list:
+        """For each tensor the inner optimizer steps, in its order: (model weight, lo, hi), the flat range of the
+        weight's local tensor it covers; None for a placeholder that holds no weight."""
+        raise NotImplementedError
 
-    def _load(self, state: dict, param_groups: list) -> None:
-        """Load a state in torch AdamW's layout (written by either implementation)."""
-        whole = {"state": {int(k): v for k, v in state.items()}, "param_groups": param_groups}
+    def _torch_state(self) -> dict:
+        """The inner state dict in torch AdamW's layout (apex's FusedAdam converted)."""
+        state = self.inner.state_dict()
+        return apex_backend.to_torch_state(state) if self.impl == "apex" else state
+
+    def state_pieces(self) -> list[tuple[torch.nn.Parameter, int, int, dict]]:
+        """(weight, lo, hi, state) for every stepped tensor that holds a weight: the flat range [lo, hi) of the
+        weight's local tensor, and its state in torch AdamW's layout ("exp_avg", "exp_avg_sq": tensors of the
+        range, shaped like the weight or flat; "step"). Call `materialize_state` first. The tensors are the
+        optimizer's own (torch) or its converted copies (apex): load into them in place, then call
+        `load_state_pieces` with the same list."""
+        state = self._torch_state()["state"]
+        return [(p, lo, hi, state[i]) for i, where in enumerate(self._ranges()) if where is not None and i in state
+                for p, lo, hi in [where]]
+
+    def load_state_pieces(self, pieces: list[tuple[torch.nn.Parameter, int, int, dict]]) -> None:
+        """Take the states of `state_pieces` (filled in place); the hyperparameters stay this run's (the learning
+        rate is a function of the step, the rest comes from the config)."""
+        current = self._torch_state()
+        by_range = {(id(p), lo, hi): st for p, lo, hi, st in pieces}
+        state = {i: by_range[(id(where[0]), where[1], where[2])] if where is not None else current["state"][i]
+                 for i, where in enumerate(self._ranges())}
+        whole = {"state": state, "param_groups": current["param_groups"]}
         if self.impl == "apex":
             self.inner.load_state_dict(apex_backend.from_torch_state(whole))
             return
@@ -116,8 +133,6 @@ class PlainAdamW(_AdamW):
         self.params, self.impl = list(reducer.layout.params), impl
         groups = _decay_groups([(p, p) for p in self.params], weight_decay)
         self.inner = _inner(groups, impl=impl, lr=lr, betas=betas, eps=eps, fused=fused)
-        stepped = [t for group in self.inner.param_groups for t in group["params"]]
-        self.expert_indices = {i for i, t in enumerate(stepped) if placement_of(t).expert}
 
     def step(self) -> None:
         for p in self.params:
@@ -126,17 +141,8 @@ class PlainAdamW(_AdamW):
         for p in self.params:  # autograd must not accumulate into the buffer behind the hooks' back
             p.grad = None
 
-    def state_parts(self) -> dict[str, dict]:
-        whole = self._indexed_state()
-        expert = {str(i) for i in self.expert_indices}
-        parts = {"dense": {**whole, "state": {k: v for k, v in whole["state"].items() if k not in expert}}}
-        if expert:
-            parts["experts"] = {"state": {k: v for k, v in whole["state"].items() if k in expert}}
-        return parts
-
-    def load_state_parts(self, parts: dict[str, dict]) -> None:
-        state = {**parts["dense"]["state"], **parts.get("experts", {"state": {}})["state"]}
-        self._load(state, parts["dense"]["param_groups"])
+    def _ranges(self) -> list:
+        return [(t, 0, t.numel()) for group in self.inner.param_groups for t in group["params"]]
 
 
 class DistributedAdamW(_AdamW):
@@ -150,6 +156,10 @@ class DistributedAdamW(_AdamW):
             raise ValueError("flat_params must come from adopt_flat_storage over the reducer's layout")
         self.reducer, self.flat_params, self.impl = reducer, flat_params, impl
         self.pieces = [(p, flat_params[a:b], reducer.reduced_grad(p, a, b)) for p, a, b in reducer.owned_ranges()]
+        starts = {p: a for _, p, a, _ in reducer.layout.places()}
+        # each master slice -> (its weight, the range of the weight's local tensor it covers)
+        self.ranges_of = {id(master): (p, a - starts[p], b - starts[p])
+                          for (p, master, _), (_, a, b) in zip(self.pieces, reducer.owned_ranges())}
         # a rank may own no slice of any weight: the optimizers need a tensor to hold the hyperparameters (on the
         # weights' device: FusedAdam's kernels take CUDA tensors only; alone in its group, its being empty is harmless)
         groups = _decay_groups([(p, master) for p, master, _ in self.pieces], weight_decay) or [
@@ -167,8 +177,5 @@ class DistributedAdamW(_AdamW):
             all_gather_into(self.flat_params[bucket.start:bucket.end], self.flat_params[lo:hi].clone(),
                             self.reducer.group_of(bucket))
 
-    def state_parts(self) -> dict[str, dict]:
-        return {"own": self._indexed_state()}
-
-    def load_state_parts(self, parts: dict[str, dict]) -> None:
-        self._load(parts["own"]["state"], parts["own"]["param_groups"])
+    def _ranges(self) -> list:
+        return [self.ranges_of.get(id(t)) for group in self.inner.param_groups for t in group["params"]]

@@ -1,14 +1,19 @@
-"""Sharded checkpoints through torch.distributed.checkpoint, written so that a crash never costs the last good one.
+"""Checkpoints through torch.distributed.checkpoint: layout-free, checked, and written so that a crash never
+costs the last good one.
 
 Layout of `checkpoint.dir`:
 
-    step_00000100/      one complete checkpoint: DCP shards + .metadata, meta.json, rng_rank<r>.pt
-    latest              the name of the newest complete checkpoint
+    step_00000100/        one complete checkpoint: DCP files + .metadata, rng_rank<r>.pt, meta.json (last)
+    step_00000090.damaged a checkpoint found damaged on resume, set aside (never deleted)
+    latest                the name of the newest complete checkpoint
 
-A save writes `.tmp-step_.../`, renames it when every file is in place, then replaces
-`latest` (write + rename), and only then prunes old checkpoints beyond `keep_last`.
-The learning-rate schedule is a pure function of the step, so `meta.json`'s step is
-the scheduler's whole state.
+Keys name tensors, never ranks (pretrain/checkpoint_state.py), so a checkpoint loads into any other parallel
+layout; only another model is refused. A save writes `.tmp-step_.../`, checksums every file in it (the
+ranks share the reading), writes `meta.json` with the files' sizes and CRC-32s last, renames the folder
+when every file is in place, then replaces `latest` (write + rename), and only then prunes old checkpoints
+beyond `keep_last`. A resume verifies the files against `meta.json` before reading any; with
+`resume: auto` a damaged checkpoint is set aside and the newest intact one is taken. The learning-rate
+schedule is a pure function of the step, so `meta.json`'s step is the scheduler's whole state.
 """
 
 from __future__ import annotations
@@ -17,20 +22,25 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
-from typing import Optional
+import zlib
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from parallel.errors import FoldtronError
-from parallel.placement import placement_of
+from pretrain.checkpoint_state import checkpoint_state
 from pretrain.distributed import barrier
 
 LATEST = "latest"
 META = "meta.json"
+FORMAT = 2  # 1: keys per shard (model.pp<p>.tp<t>, optimizer states by position), loadable only into its layout
+_STEP = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(FoldtronError, RuntimeError):
@@ -54,54 +64,11 @@ def check_writable(ckpt_dir: str) -> None:
                               "choose another folder") from None
 
 
-def _sharded_state(model: torch.nn.Module, optimizer, topology, *, saving: bool, fp8=None, teacher=None) -> dict:
-    """Keys name the shard they hold, so every rank writes (and reads) only its own part:
-    `model.pp<p>.tp<t>` (written by the first rank of the DP x CP group: the others hold the same weights;
-    layers keep their global numbers), `optim.pp<p>.tp<t>` for the plain optimizer (likewise replicated)
-    or `optim.pp<p>.tp<t>.dpcp<d>` for the distributed one (each rank its slice; (tp, dpcp) names a rank
-    of the stage). Expert weights, and their plain-optimizer states, are replicated over EDP instead:
-    they go under `experts.pp<p>.ep<e>.etp<t>` and `optim_experts.pp<p>.ep<e>.etp<t>`, written by EDP rank 0.
-    FP8 state (`fp8`, the feature of pretrain/model/fp8.py: amax histories, TE's extra state) is the same on
-    every rank of a stage (its amaxes are reduced over the stage): `fp8.pp<p>`, keyed by module name,
-    written by the stage's first rank. RLP's EMA teacher (`teacher`, a model of the same shards) goes beside
-    the weights, under `ema.` and `ema_experts.`."""
-    keys = _keys(topology, saving=saving)
-    parts = {}
-    for prefix, module in (("", model), ("ema_", teacher)):
-        if module is None:
-            continue
-        experts = {n for n, p in module.named_parameters() if placement_of(p).expert}
-        weights = module.state_dict()
-        parts[prefix + "weights"] = {k: v for k, v in weights.items() if k not in experts}
-        if experts:
-            parts[prefix + "expert_weights"] = {k: v for k, v in weights.items() if k in experts}
-    if optimizer is not None:  # None: the weights only (checkpoint.init_from)
-        parts.update(optimizer.state_parts())
-    if fp8 is not None and (fp8_state := fp8.state_dict()):
-        parts["fp8"] = fp8_state
-    return {keys[part][0]: value for part, value in parts.items() if keys[part][1]}
-
-
-def _keys(topology, *, saving: bool) -> dict[str, tuple[str, bool]]:
-    """Each part of a rank's state (its dense and expert weights, the optimizer's parts: see
-    parallel/optimizer.py) -> (its key, whether this rank writes it)."""
-    dense = f"pp{topology.pp_rank}.tp{topology.tp_rank}"
-    expert = f"pp{topology.pp_rank}.ep{topology.coords['ep']}.etp{topology.coords['etp']}"
-    dense_writer = topology.coords["dp_cp"] == 0 or not saving
-    expert_writer = topology.coords["edp"] == 0 or not saving
-    return {"weights": (f"model.{dense}", dense_writer), "expert_weights": (f"experts.{expert}", expert_writer),
-            "ema_weights": (f"ema.{dense}", dense_writer),
-            "ema_expert_weights": (f"ema_experts.{expert}", expert_writer),
-            "dense": (f"optim.{dense}", dense_writer), "experts": (f"optim_experts.{expert}", expert_writer),
-            "own": (f"optim.{dense}.dpcp{topology.coords['dp_cp']}", True),
-            "fp8": (f"fp8.pp{topology.pp_rank}", topology.index_in("tp-dp-cp") == 0 or not saving)}
-
-
 def save(
     ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int, fp8=None,
     teacher=None,
 ) -> str:
-    """Write checkpoint `step` atomically (every rank its shards); return its folder."""
+    """Write checkpoint `step` atomically (every rank its boxes); return its folder."""
     rank = topology.rank
     final = os.path.join(ckpt_dir, step_name(step))
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_name(step))
@@ -110,12 +77,12 @@ def save(
     barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_sharded_state(model, optimizer, topology, saving=True, fp8=fp8, teacher=teacher), checkpoint_id=tmp)
+        dcp.save(checkpoint_state(model, optimizer.state_pieces(), fp8=fp8, teacher=teacher), checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()  # every rank's files are in place before the folder is renamed
+    barrier()  # every rank's files are in place before they are checksummed
+    files = manifest(tmp)
     if rank == 0:
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=1)
+        seal(tmp, {"step": step, **meta}, files=files)
         stale = None
         if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
             stale = final + ".old"
@@ -129,6 +96,63 @@ def save(
     return final
 
 
+def _shared(names: list[str], work: Callable[[str], object]) -> dict:
+    """work(name) for every name, the names dealt out over the ranks (each file read by one rank); every rank
+    gets all the results."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {name: work(name) for name in names}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {name: work(name) for i, name in enumerate(names) if i % world == rank}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def _file_record(path: str) -> dict:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": os.path.getsize(path), "crc32": f"{crc:08x}"}
+
+
+def manifest(folder: str) -> dict:
+    """{file: {"bytes", "crc32"}} for every file in `folder` but meta.json (shared out over the ranks when a
+    process group runs: call it on every rank)."""
+    names = sorted(n for n in os.listdir(folder) if n != META and os.path.isfile(os.path.join(folder, n)))
+    return _shared(names, lambda name: _file_record(os.path.join(folder, name)))
+
+
+def seal(folder: str, meta: dict, *, files: dict | None = None) -> None:
+    """Write `folder`'s meta.json, last, with the format and the manifest of its files (`files` from
+    `manifest`; by default computed here, by this process alone). A checkpoint without it is incomplete."""
+    record = {**meta, "format": FORMAT, "files": manifest(folder) if files is None else files}
+    tmp = os.path.join(folder, META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(folder, META))
+
+
+def damage(path: str, meta: dict) -> Optional[str]:
+    """What is wrong with the files of checkpoint `path` against its manifest (None: all intact). Call on every
+    rank when a process group runs: the ranks share the reading."""
+    files = meta.get("files", {})
+
+    def check(name: str) -> Optional[str]:
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        size = os.path.getsize(full)
+        if size != files[name]["bytes"]:
+            return f"{name} has {size} bytes, {files[name]['bytes']} were written"
+        if _file_record(full)["crc32"] != files[name]["crc32"]:
+            return f"{name} does not have the checksum it was written with"
+        return None
+
+    problems = [p for p in _shared(sorted(files), check).values() if p]
+    return "; ".join(problems[:3]) if problems else None
+
+
 def _write_latest(ckpt_dir: str, name: str) -> None:
     tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
     with open(tmp, "w") as f:
@@ -137,10 +161,7 @@ def _write_latest(ckpt_dir: str, name: str) -> None:
 
 
 def _complete(ckpt_dir: str) -> list[str]:
-    names = [
-        n for n in os.listdir(ckpt_dir)
-        if n.startswith("step_") and not n.endswith(".old") and os.path.isfile(os.path.join(ckpt_dir, n, META))
-    ]
+    names = [n for n in os.listdir(ckpt_dir) if _STEP.fullmatch(n) and os.path.isfile(os.path.join(ckpt_dir, n, META))]
     return sorted(names)
 
 
@@ -161,24 +182,48 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
-def resolve(resume: str, ckpt_dir: str) -> Optional[str]:
-    """The checkpoint folder to resume from: `none`, `auto` (the latest in ckpt_dir, if any) or a path."""
+def resolve(resume: str, ckpt_dir: str, *, announce: Callable[[str], None] = print) -> Optional[str]:
+    """The checkpoint folder to resume from: `none`, `auto` (the newest intact one in ckpt_dir, if any) or a
+    path (refused if damaged). With `auto`, a damaged checkpoint is renamed `<name>.damaged` (kept, never
+    deleted) and `announce` says so and which one is taken instead. Call on every rank together."""
     if resume == "none":
         return None
     if resume != "auto":
         if not os.path.isdir(resume):
             raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+        _check_intact(resume, label=f"checkpoint.resume={resume!r}")
         return resume
     if not os.path.isdir(ckpt_dir):
         return None
-    pointer = os.path.join(ckpt_dir, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
-        if os.path.isfile(os.path.join(ckpt_dir, name, META)):
-            return os.path.join(ckpt_dir, name)
-    complete = _complete(ckpt_dir)  # no pointer, or it names a folder that is gone: take the newest complete one
-    return os.path.join(ckpt_dir, complete[-1]) if complete else None
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    set_aside = False
+    for name in reversed(_complete(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        problem = damage(path, read_meta(path))
+        if problem is None:
+            if set_aside and main:
+                _write_latest(ckpt_dir, name)
+            barrier()
+            return path
+        barrier()  # every rank has looked at it before it moves
+        if main:
+            os.replace(path, path + ".damaged")
+        set_aside = True
+        announce(f"checkpoint {path} is damaged ({problem}): kept as {name}.damaged, trying an older one")
+    if set_aside:
+        raise CheckpointError(f"checkpoint.resume=auto: no intact checkpoint is left in {ckpt_dir} (the damaged "
+                              "ones are kept as *.damaged); start a new run.dir, or set checkpoint.resume=none")
+    return None
+
+
+def _check_intact(path: str, *, label: str) -> dict:
+    """The meta of checkpoint `path`, after checking its files (one CheckpointError naming the damaged file)."""
+    meta = read_meta(path)
+    problem = damage(path, meta)
+    if problem:
+        raise CheckpointError(f"{label}: the checkpoint is damaged ({problem}); resume from another checkpoint "
+                              "(checkpoint.resume=auto takes the newest intact one)")
+    return meta
 
 
 def read_meta(path: str) -> dict:
@@ -192,47 +237,33 @@ def read_meta(path: str) -> dict:
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); "
                               "resume from another checkpoint") from None
+    if meta.get("format", 1) != FORMAT:
+        raise CheckpointError(
+            f"{path} is in checkpoint format {meta.get('format', 1)} (keys per shard, written before checkpoints "
+            f"moved between layouts); this foldtron reads format {FORMAT}: continue that run with the foldtron "
+            "version that wrote it, or start a new run.dir")
     return meta
 
 
-def check_compatible(path: str, meta: dict, *, model_signature: dict, layout: dict) -> None:
-    """Refuse a checkpoint of another model, or of another parallel layout, before anything is loaded."""
-    if meta.get("layout") != layout:
-        raise CheckpointError(
-            f"{path} was saved with the parallel layout {meta.get('layout')}, this run is {layout}: loading into "
-            "another layout is not supported yet; resume with the layout it was saved with"
-        )
+def check_compatible(path: str, meta: dict, *, model_signature: dict) -> None:
+    """Refuse a checkpoint of another model before anything is loaded; any parallel layout loads."""
     check_model(path, meta, model_signature=model_signature)
 
 
-WEIGHT_LAYOUT = ("tp", "pp", "ep", "etp", "pipeline_layers")  # what the weights' shards depend on (not DP or CP)
-
-
 def resolve_init(path: str, *, label: str | None = None) -> str:
-    """The checkpoint `checkpoint.init_from` names: a checkpoint folder, or a checkpoint.dir (its latest).
-    `label`: how an error names the path (default `checkpoint.init_from='PATH'`; a tool: its argument)."""
-    if os.path.isfile(os.path.join(path, META)):
-        return path
-    latest = resolve("auto", path) if os.path.isdir(path) else None
-    if latest is None:
-        raise CheckpointError(f"{label or f'checkpoint.init_from={path!r}'}: no foldtron checkpoint there (a step_* "
-                              f"folder with {META}, or a checkpoint.dir holding one)")
-    return latest
-
-
-def check_weights_compatible(path: str, meta: dict, *, model_signature: dict, layout: dict) -> None:
-    """What `checkpoint.init_from` needs of a checkpoint: the same model, and the same sharding of the weights
-    (the same TP, PP and its layers per stage, and for experts EP and ETP; any DP, CP, optimizer or objective)."""
-    keys = WEIGHT_LAYOUT if model_signature.get("moe") else tuple(k for k in WEIGHT_LAYOUT if k not in ("ep", "etp"))
-    saved = {k: meta.get("layout", {}).get(k) for k in keys}
-    wanted = {k: layout[k] for k in keys}
-    if saved != wanted:
-        different = ", ".join(f"{k} {saved[k]!r} (checkpoint) vs {wanted[k]!r}" for k in keys if saved[k] != wanted[k])
-        raise CheckpointError(f"checkpoint.init_from={path}: its weights are sharded otherwise ({different}); "
-                              "initialise with the same tensor, pipeline and expert layout (loading into another "
-                              "layout is not supported yet)")
-    check_model(f"checkpoint.init_from={path}:", meta, model_signature=model_signature,
-                fix="configure the model it holds (its config.yaml beside the checkpoints says which)")
+    """The checkpoint `checkpoint.init_from` names: a checkpoint folder, or a checkpoint.dir (its newest), its
+    files checked. `label`: how an error names the path (default `checkpoint.init_from='PATH'`; a tool: its
+    argument). Call on every rank together."""
+    label = label or f"checkpoint.init_from={path!r}"
+    found = path if os.path.isfile(os.path.join(path, META)) else None
+    if found is None and os.path.isdir(path):
+        complete = _complete(path)
+        found = os.path.join(path, complete[-1]) if complete else None
+    if found is None:
+        raise CheckpointError(f"{label}: no foldtron checkpoint there (a step_* folder with {META}, or a "
+                              "checkpoint.dir holding one)")
+    _check_intact(found, label=label)
+    return found
 
 
 def check_model(path: str, meta: dict, *, model_signature: dict,
@@ -249,32 +280,32 @@ def check_model(path: str, meta: dict, *, model_signature: dict,
         )
 
 
-def load(path: str, *, model: torch.nn.Module, optimizer, topology, fp8=None, teacher=None) -> dict:
-    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first), the FP8 state
-    when `fp8` is given (the caller checks that the checkpoint holds the same kind) and RLP's EMA teacher when
-    `teacher` is (the caller checks that the checkpoint holds one); return its meta."""
+def load(path: str, *, model: torch.nn.Module, optimizer, rank: int, fp8=None, teacher=None,
+         restore_rng: bool = True) -> dict:
+    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first), into whatever
+    layout this run has; the FP8 state when `fp8` is given (the caller checks that the checkpoint holds the
+    same kind) and RLP's EMA teacher when `teacher` is (the caller checks that the checkpoint holds one).
+    `restore_rng`: this rank's random state is that of rank `rank` of the saving run (meaningful in the same
+    layout only: the caller reseeds otherwise). Returns its meta."""
     meta = read_meta(path)
     optimizer.materialize_state()
     failure = f"{path}: cannot load the checkpoint"
-    with _labelled(failure):
-        rng = torch.load(os.path.join(path, f"rng_rank{topology.rank}.pt"), weights_only=False)
-    parts = _read_into(model, _sharded_state(model, optimizer, topology, saving=False, fp8=fp8, teacher=teacher),
-                       path, topology, failure=failure)
-    teacher_state = {**parts.pop("ema_weights", {}), **parts.pop("ema_expert_weights", {})}
-    if teacher is not None:
-        teacher.load_state_dict(teacher_state)
-    if "fp8" in parts:
-        fp8.load_state_dict(parts.pop("fp8"))
-    optimizer.load_state_parts(parts)
-    _set_rng_state(rng)
+    adam = optimizer.state_pieces()
+    state = checkpoint_state(model, adam, fp8=fp8, teacher=teacher)
+    _read(state, path, failure=failure)
+    if fp8 is not None and "fp8" in state:
+        fp8.load_state_dict(state["fp8"])
+    optimizer.load_state_pieces(adam)
+    if restore_rng:
+        with _labelled(failure):
+            _set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
     return meta
 
 
-def load_weights(path: str, *, model: torch.nn.Module, topology, label: str | None = None) -> None:
-    """Only the model's weights from `path` (checked with `check_weights_compatible` first), for a fresh run:
+def load_weights(path: str, *, model: torch.nn.Module, label: str | None = None) -> None:
+    """Only the model's weights from `path` (checked with `check_model` first), for a fresh run in any layout:
     no optimizer state, step, data position or random state. `label`: how an error names the path."""
-    _read_into(model, _sharded_state(model, None, topology, saving=False), path, topology,
-               failure=f"{label or f'checkpoint.init_from={path}'}: cannot load its weights")
+    _read(checkpoint_state(model), path, failure=f"{label or f'checkpoint.init_from={path}'}: cannot load its weights")
 
 
 @contextlib.contextmanager
@@ -287,20 +318,11 @@ def _labelled(failure: str):
         raise CheckpointError(f"{failure} ({_reason(err)})") from err
 
 
-def _read_into(model: torch.nn.Module, state: dict, path: str, topology, *, failure: str) -> dict:
-    """Read `state` (the keys of `_sharded_state`) from `path`, put its weights into `model`; return its other
-    parts (the optimizer's, fp8)."""
+def _read(state: dict, path: str, *, failure: str) -> None:
+    """Read `state` (from `checkpoint_state`: views of the weights and states) from `path`, in place."""
     with _labelled(failure), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=path)
-    parts = _parts(state, topology)
-    model.load_state_dict({**parts.pop("weights", {}), **parts.pop("expert_weights", {})})
-    return parts
-
-
-def _parts(state: dict, topology) -> dict:
-    """A loaded state by part (weights, expert_weights, the optimizer's, fp8), as `_keys` names them."""
-    return {part: state[key] for part, (key, _) in _keys(topology, saving=False).items() if key in state}
 
 
 def _reason(err: BaseException) -> str:

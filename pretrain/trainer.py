@@ -151,12 +151,16 @@ class Trainer:
 
         self.ckpt_dir = cfg.checkpoint_dir
         checkpoint.check_writable(self.ckpt_dir)
-        self.resume_from = checkpoint.resolve(cfg.checkpoint.resume, self.ckpt_dir)
+        self.resume_from = checkpoint.resolve(cfg.checkpoint.resume, self.ckpt_dir,
+                                              announce=lambda line: print(line, flush=True) if self.is_main else None)
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else {"step": 0, "consumed_samples": 0}
         checkpoint.check_no_later_checkpoints(self.ckpt_dir, meta["step"])
+        # another layout loads too (the keys name tensors, not ranks); only the random states stay behind
+        self.resharded_from = None
         if self.resume_from:
-            checkpoint.check_compatible(self.resume_from, meta, model_signature=model_signature(cfg.model),
-                                        layout=self.layout())
+            checkpoint.check_compatible(self.resume_from, meta, model_signature=model_signature(cfg.model))
+            if meta.get("layout") != self.layout():
+                self.resharded_from = meta.get("layout")
             if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
                 raise CheckpointError(
                     f"{self.resume_from} was trained with other data settings (sources, phases, split, synthetic, "
@@ -168,8 +172,10 @@ class Trainer:
         self.init_from = None
         if cfg.checkpoint.init_from and not self.resume_from:
             self.init_from = checkpoint.resolve_init(cfg.checkpoint.init_from)
-            checkpoint.check_weights_compatible(self.init_from, checkpoint.read_meta(self.init_from),
-                                                model_signature=model_signature(cfg.model), layout=self.layout())
+            checkpoint.check_model(f"checkpoint.init_from={self.init_from}:", checkpoint.read_meta(self.init_from),
+                                   model_signature=model_signature(cfg.model),
+                                   fix="configure the model it holds (its config.yaml beside the checkpoints "
+                                       "says which)")
 
         t, d = cfg.train, cfg.data
         eval_samples = cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0
@@ -196,11 +202,14 @@ class Trainer:
         # the EMA teacher resumes with its run; it starts from the loaded weights otherwise (phi <- theta)
         teacher_saved = self.rlp is not None and self.resume_from and meta.get("rlp_teacher", False)
         if self.resume_from:
-            meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, topology=topology,
+            meta = checkpoint.load(self.resume_from, model=self.model, optimizer=self.optimizer, rank=topology.rank,
                                    fp8=None if self.fp8_afresh else self.fp8,
-                                   teacher=self.rlp.teacher.model if teacher_saved else None)
+                                   teacher=self.rlp.teacher.model if teacher_saved else None,
+                                   restore_rng=self.resharded_from is None)
+            if self.resharded_from is not None:  # no rank of this layout had a counterpart in the saving one
+                torch.manual_seed(hash((cfg.run.seed, meta["step"], topology.rank)) % 2**63)
         elif self.init_from:
-            checkpoint.load_weights(self.init_from, model=self.model, topology=topology)
+            checkpoint.load_weights(self.init_from, model=self.model)
         self.teacher_afresh = self.rlp is not None and not teacher_saved
         if self.teacher_afresh:
             self.rlp.teacher.reset()
@@ -472,6 +481,10 @@ class Trainer:
             lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
         if self.resume_from:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
+        if self.resharded_from is not None:
+            lines.append("  saved in another layout (" + ", ".join(
+                f"{k} {v!r}" for k, v in self.resharded_from.items() if self.layout().get(k) != v)
+                + "): resharded on load; the random states are reseeded from (seed, step, rank)")
         if self.init_from:
             lines.append(f"initialised from {self.init_from} (its weights; a fresh optimizer, schedule and data)")
         if self.rlp is not None:

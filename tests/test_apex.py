@@ -210,18 +210,17 @@ def test_a_checkpoint_resumes_under_the_other_implementation(tmp_path, tiny_corp
     part = Trainer(cpu_config(tmp_path / "part", tiny_corpus, *extra, f"optimizer.impl={first}",
                                f"model.norm_impl={first}", "train.stop_at_step=3"))
     part.run()
-    saved = part.optimizer.state_parts()
+    saved = part.optimizer.state_pieces()
     rest_cfg = cpu_config(tmp_path / "part", tiny_corpus, *extra, f"optimizer.impl={then}",
                            f"model.norm_impl={then}")
     rest = Trainer(rest_cfg)
     assert rest.step == 3 and rest.cfg.optimizer.impl == then
-    loaded = rest.optimizer.state_parts()  # both in torch AdamW's layout
-    for part_name, whole in saved.items():
-        assert whole["state"].keys() == loaded[part_name]["state"].keys()
-        for index, state in whole["state"].items():
-            assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
-            for key, value in state.items():
-                assert torch.equal(value.cpu(), loaded[part_name]["state"][index][key].cpu()), (index, key)
+    loaded = rest.optimizer.state_pieces()  # both in torch AdamW's layout
+    assert [(lo, hi) for _, lo, hi, _ in saved] == [(lo, hi) for _, lo, hi, _ in loaded]
+    for (_, _, _, state), (_, _, _, again) in zip(saved, loaded):
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in state.items():
+            assert torch.equal(value.cpu(), again[key].cpu()), key
     if then == "torch":
         assert all(g["fused"] for g in rest.optimizer.param_groups)  # this run's choice, not the checkpoint's
     else:

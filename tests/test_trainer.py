@@ -193,9 +193,44 @@ def test_corrupt_meta_is_a_checkpoint_error(tmp_path, tiny_corpus):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
 
 
-def test_corrupt_shard_is_a_checkpoint_error_and_a_bug_is_not(tmp_path, tiny_corpus, monkeypatch):
-    """A truncated shard file is bad input (one line); an error in the code that uses what was read is a bug and
-    keeps its own type and traceback, not relabelled 'cannot load the checkpoint'."""
+def test_a_damaged_checkpoint_is_named_and_auto_resume_takes_the_newest_intact_one(tmp_path, tiny_corpus, capsys):
+    """What a new user does: truncate the latest checkpoint's shard file and resume. The run says which file of
+    which checkpoint is damaged, sets it aside (never deletes it) and resumes from the one before; an explicit
+    resume from a damaged checkpoint is refused in one line, and so is a flipped byte of the same size."""
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=6", "checkpoint.interval=3", "checkpoint.keep_last=2")
+    train(cfg)
+    latest = os.path.join(cfg.checkpoint_dir, "step_00000006")
+    (shard,) = [n for n in os.listdir(latest) if n.endswith(".distcp")]
+    size = os.path.getsize(os.path.join(latest, shard))
+    with open(os.path.join(latest, shard), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=f"checkpoint.resume=.*step_00000006.*damaged .{shard} has 100 bytes, "
+                                              f"{size} were written"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=9", f"checkpoint.resume={latest}"))
+    capsys.readouterr()
+    trainer = Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=9"))
+    assert f"step_00000006 is damaged ({shard} has 100 bytes" in capsys.readouterr().out
+    assert trainer.step == 3 and trainer.resume_from.endswith("step_00000003")
+    assert os.path.getsize(os.path.join(latest + ".damaged", shard)) == 100  # kept as it was
+    with open(os.path.join(cfg.checkpoint_dir, "latest")) as f:
+        assert f.read().strip() == "step_00000003"
+    trainer.run()
+    assert sorted(os.listdir(cfg.checkpoint_dir)) == ["latest", "step_00000006", "step_00000006.damaged",
+                                                      "step_00000009"]  # pruning never takes the damaged one
+    meta_path = os.path.join(cfg.checkpoint_dir, "step_00000009")
+    with open(os.path.join(meta_path, shard), "r+b") as f:  # the same size, one byte changed
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CheckpointError, match=f"{shard} does not have the checksum it was written with"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=12", f"checkpoint.resume={meta_path}"))
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_a_bug_is_not(tmp_path, tiny_corpus, monkeypatch):
+    """A shard that DCP cannot read though its manifest agrees (written so by something else) is bad input (one
+    line); an error in the code that uses what was read is a bug and keeps its own type and traceback, not
+    relabelled 'cannot load the checkpoint'."""
     cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3")
     train(cfg)
     folder = os.path.join(cfg.checkpoint_dir, "step_00000003")
@@ -204,16 +239,19 @@ def test_corrupt_shard_is_a_checkpoint_error_and_a_bug_is_not(tmp_path, tiny_cor
     for path in shards:
         with open(path, "r+b") as f:
             f.truncate(100)
+    meta = checkpoint.read_meta(folder)
+    checkpoint.seal(folder, {k: v for k, v in meta.items() if k != "files"})  # the truncated files, recorded
     with pytest.raises(CheckpointError, match="step_00000003: cannot load the checkpoint"):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
     for path, data in backup.items():
         with open(path, "wb") as f:
             f.write(data)
+    checkpoint.seal(folder, meta, files=meta["files"])
 
-    def broken(self, parts):
+    def broken(self, pieces):
         raise KeyError("a bug")
 
-    monkeypatch.setattr("parallel.optimizer.PlainAdamW.load_state_parts", broken)
+    monkeypatch.setattr("parallel.optimizer.PlainAdamW.load_state_pieces", broken)
     with pytest.raises(KeyError, match="a bug"):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
 
