@@ -201,8 +201,8 @@ def activation_terms(
     layer_input = r * T * h / q
     heads = a * d  # the width of the queries and of attention's output (hidden_size unless model.head_dim differs)
     attention = e * T * h + (e * T * (heads + 2 * g * d) + e * T * (heads + g * d) + e * T * heads + 4 * T * a) / tp
-    if m.qk_norm:  # the normed queries and keys the rotary embedding keeps, and the norms' rstd
-        attention += (e * T * (heads + g * d) + 4 * T * (a + g)) / tp
+    if m.qk_norm:  # the q/k norms (fp32) keep their inputs and outputs, and their rstd
+        attention += (8 * T * (heads + g * d) + 4 * T * (a + g)) / tp
     if cp > 1:
         attention += 2 * e * S * b * g * d / tp
     attention_selective = layer_input + (e * T * (heads + 2 * g * d) + e * T * heads + 4 * T * a) / tp + 2 * e * T * h

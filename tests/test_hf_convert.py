@@ -301,6 +301,8 @@ def test_bad_hugging_face_folders_are_refused_in_one_line_leaving_nothing(hf_fol
 
 
 def test_bad_outputs_and_checkpoints_are_refused_in_one_line(hf_folders, imported, tmp_path, capsys):
+    import shutil
+
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     assert "already exists and is not empty" in run_cli(capsys, "import", hf_folders["llama"][0],
@@ -312,12 +314,17 @@ def test_bad_outputs_and_checkpoints_are_refused_in_one_line(hf_folders, importe
     meta = json.load(open(os.path.join(imported["llama"], "meta.json")))
     old = tmp_path / "old" / "step_00000001"
     old.mkdir(parents=True)
-    json.dump({**meta, "format": 1}, open(old / "meta.json", "w"))
-    assert "a checkpoint of format 1" in run_cli(capsys, "export", str(old), str(tmp_path / "hf"))
+    json.dump({**meta, "format": 1, "files": {}}, open(old / "meta.json", "w"))
+    assert "is in checkpoint format 1" in run_cli(capsys, "export", str(old), str(tmp_path / "hf"))
     gpas = tmp_path / "gpas"
     gpas.mkdir()
     meta["config"]["model"]["gpas"]["enabled"] = True
-    json.dump(meta, open(gpas / "meta.json", "w"))
+    json.dump({**meta, "files": {}}, open(gpas / "meta.json", "w"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(imported["llama"], damaged)
+    os.truncate(damaged / "__0_0.distcp", 1000)
+    assert "the checkpoint is damaged (__0_0.distcp has 1000 bytes" in run_cli(
+        capsys, "export", str(damaged), str(tmp_path / "hf"))
     assert "no Hugging Face architecture computes this model: model.gpas.enabled=true" in run_cli(
         capsys, "export", str(gpas), str(tmp_path / "hf"))
     assert "--vocab-size 200: the model's vocabulary has 128 rows" in run_cli(
@@ -394,6 +401,7 @@ def _trainer_logits(rank: int, world: int, cfg) -> torch.Tensor:
 
     trainer = Trainer(cfg, world, rank)
     try:
+        assert trainer.init_from.endswith(cc.FIRST) and trainer.step == 0
         return our_logits(trainer.model.eval())
     finally:
         trainer.loader.close()

@@ -58,7 +58,7 @@ from tools import hf
 from tools.hf import ConversionError
 
 PROGRAM = "convert_checkpoint"
-FORMAT = 2  # the layout-free checkpoint format: keys model.<name>, each the whole tensor
+FORMAT = checkpoint.FORMAT  # the layout-free checkpoint format: keys model.<name>, each the whole tensor
 FIRST = checkpoint.step_name(0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -219,26 +219,7 @@ def write_checkpoint(folder: str, producers: dict[str, Callable[[], torch.Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is disabled ...: saving in a single process"
         dcp.save(state, storage_writer=FileSystemWriter(folder, thread_count=1), planner=planner, no_dist=True)
-    seal(folder, meta)
-
-
-def seal(folder: str, meta: dict) -> None:
-    """meta.json, written last, with the manifest of the checkpoint's files: main's `pretrain.checkpoint.seal`
-    where it exists, else the same here (each file's size and SHA-256)."""
-    if hasattr(checkpoint, "seal"):
-        checkpoint.seal(folder, meta)
-        return
-    import hashlib
-
-    files = {}
-    for name in sorted(os.listdir(folder)):
-        digest = hashlib.sha256()
-        with open(os.path.join(folder, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        files[name] = {"size": os.path.getsize(os.path.join(folder, name)), "sha256": digest.hexdigest()}
-    with open(os.path.join(folder, checkpoint.META), "w") as f:
-        json.dump({**meta, "files": files}, f, indent=1)
+    checkpoint.seal(folder, meta)  # meta.json, last, with the manifest of the files (sizes, CRC-32s)
 
 
 def checkpoint_meta(cfg: Config, **extra) -> dict:
@@ -378,12 +359,8 @@ def open_checkpoint(path: str) -> tuple[str, dict, Config]:
     """The checkpoint folder `path` names (a step_* folder or a checkpoint.dir), its meta and its run's config."""
     if not os.path.exists(path):
         raise ConversionError(f"{path}: no such file or folder")
-    folder = checkpoint.resolve_init(path, label=path)
-    meta = checkpoint.read_meta(folder)
-    if meta.get("format") != FORMAT:
-        raise ConversionError(f"{folder}: a checkpoint of format {meta.get('format', 1)} (its tensors keyed by rank); "
-                              f"export reads the layout-free format {FORMAT}: resume the run once with this foldtron "
-                              "to write one")
+    folder = checkpoint.resolve_init(path, label=path)  # its files checked against its manifest
+    meta = checkpoint.read_meta(folder)  # refuses a checkpoint of another format
     if not isinstance(meta.get("config"), dict):
         raise ConversionError(f"{folder}: its meta.json holds no config")
     cfg = config_from_dict(meta["config"])

@@ -105,7 +105,8 @@ class HeadNorm(nn.Module):
         self.weight = replicated(nn.Parameter(torch.ones(cfg.head_size)), sequence_parallel=topology.tp > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # in fp32 (the fp32 weight; under autocast x comes bf16 from the matmul), as transformers computes it
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
