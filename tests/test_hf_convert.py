@@ -357,19 +357,29 @@ def test_the_import_writes_a_config_to_train_from(hf_folders, tmp_path, capsys):
 
 def test_the_import_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     """A 12-layer model: the tensors alive at any moment of its import (those read from safetensors and those made
-    of them) never exceed the largest foldtron tensor with its sources (the padded table and the table read), a
-    sixteenth of the model: DCP asks the planner for each tensor as it writes it, and drops it after."""
+    of them) never exceed two of the largest foldtron tensor with its sources (the padded table and the table
+    read), an eighth of the model: DCP asks the planner for each tensor as it writes it and drops it after (its
+    loop makes the next tensor before it lets go of the last). Storages are counted, whichever tensors hold them:
+    DCP detaches what it writes, and before each tensor got a file of its own the peak was the whole model."""
     import weakref
 
     config = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 12})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "deep"))
     live = {"now": 0, "peak": 0}
+    alive: set[int] = set()
+
+    def gone(pointer: int, n: int) -> None:
+        alive.discard(pointer)
+        live["now"] -= n
 
     def track(t: torch.Tensor) -> torch.Tensor:
-        n = t.untyped_storage().nbytes()
-        live["now"] += n
-        live["peak"] = max(live["peak"], live["now"])
-        weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - n))
+        """Count `t`'s storage until it is freed (whichever tensors share it: DCP detaches what it writes)."""
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in alive:
+            alive.add(storage.data_ptr())
+            live["now"] += storage.nbytes()
+            live["peak"] = max(live["peak"], live["now"])
+            weakref.finalize(storage, gone, storage.data_ptr(), storage.nbytes())
         return t
 
     read, to_ours = cc.SafetensorsFolder.read, hf.to_ours
@@ -378,7 +388,7 @@ def test_the_import_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     summary = cc.import_hf(str(tmp_path / "deep"), str(tmp_path / "out"))
     model_bytes = 4 * summary["parameters"]
     embedding = 4 * (VOCAB + 128) * 32  # the largest: the table read, and padded to 128 rows
-    assert 0 < live["peak"] <= embedding < model_bytes / 16, (live, model_bytes)
+    assert 0 < live["peak"] <= 2 * embedding < model_bytes / 8, (live, model_bytes)
     assert live["now"] == 0
 
 
@@ -476,3 +486,21 @@ def test_config_fields_map_both_ways():
         assert back["torch_dtype"] == "bfloat16"
     with pytest.raises(ConversionError, match=r"hidden_act='gelu' .*; mlp_bias=True"):
         hf.model_section({**v4, "mlp_bias": True, "hidden_act": "gelu"})
+
+
+def test_export_takes_the_policy_not_the_teacher_or_the_optimizer(imported, tmp_path):
+    """An RLP checkpoint also holds ema.* (the EMA teacher) and optim.*: export reads model.* alone."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = imported["llama"]
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    shapes = cc.saved_tensors(folder)
+    policy = {f"model.{n}": cc.read_tensor(folder, f"model.{n}", *s) for n, s in shapes.items()}
+    state = {**policy, **{k.replace("model.", "ema.", 1): torch.full_like(t, 7.0) for k, t in policy.items()},
+             "optim.embedding.weight.exp_avg": torch.ones(128, 32)}
+    with pytest.warns(UserWarning, match="single process"):  # DCP's note that no process group runs
+        dcp.save(state, checkpoint_id=str(tmp_path / "rlp"), no_dist=True)
+    cc.checkpoint.seal(str(tmp_path / "rlp"), {**meta, "rlp_teacher": True})
+    cc.export_hf(str(tmp_path / "rlp"), str(tmp_path / "hf"))
+    exported = cc.SafetensorsFolder(str(tmp_path / "hf"))
+    assert torch.equal(exported.read("model.norm.weight"), policy["model.final_norm.weight"])

@@ -136,7 +136,7 @@ MODELS = {"": (), "tied+gpas+gelu": ("model.tie_embeddings=true", "model.gpas.en
 VARIANT_LAYOUTS = {
     "tied+gpas+gelu": ("TP2+SP", "TP2xCP2xDP2 SP", "PP2", "PP2 interleaved, 2 chunks", "PP2xTP2xDP2 SP",
                        "PP2xDP2 distributed optimizer"),
-    "qk_norm+head_dim+llama3 rope": ("TP2", "TP2+SP", "TP2xCP2xDP2 SP distributed optimizer, small buckets"),
+    "qk_norm+head_dim+llama3 rope": ("TP2", "TP2+SP"),  # the sum over TP of a sharded optimizer: the SP norms
 }
 
 # MoE: 8 experts, top-2, dropless; attention and experts laid out differently over the same ranks
