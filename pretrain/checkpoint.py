@@ -191,7 +191,8 @@ def resolve(resume: str, ckpt_dir: str, *, announce: Callable[[str], None] = pri
     if resume != "auto":
         if not os.path.isdir(resume):
             raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
-        _check_intact(resume, label=f"checkpoint.resume={resume!r}")
+        _check_intact(resume, label=f"checkpoint.resume={resume!r}",
+                      fix="resume from another checkpoint (checkpoint.resume=auto takes the newest intact one)")
         return resume
     if not os.path.isdir(ckpt_dir):
         return None
@@ -216,13 +217,12 @@ def resolve(resume: str, ckpt_dir: str, *, announce: Callable[[str], None] = pri
     return None
 
 
-def _check_intact(path: str, *, label: str) -> dict:
+def _check_intact(path: str, *, label: str, fix: str) -> dict:
     """The meta of checkpoint `path`, after checking its files (one CheckpointError naming the damaged file)."""
     meta = read_meta(path)
     problem = damage(path, meta)
     if problem:
-        raise CheckpointError(f"{label}: the checkpoint is damaged ({problem}); resume from another checkpoint "
-                              "(checkpoint.resume=auto takes the newest intact one)")
+        raise CheckpointError(f"{label}: the checkpoint is damaged ({problem}); {fix}")
     return meta
 
 
@@ -262,7 +262,7 @@ def resolve_init(path: str, *, label: str | None = None) -> str:
     if found is None:
         raise CheckpointError(f"{label}: no foldtron checkpoint there (a step_* folder with {META}, or a "
                               "checkpoint.dir holding one)")
-    _check_intact(found, label=label)
+    _check_intact(found, label=label, fix="use another checkpoint")
     return found
 
 
@@ -306,6 +306,25 @@ def load_weights(path: str, *, model: torch.nn.Module, label: str | None = None)
     """Only the model's weights from `path` (checked with `check_model` first), for a fresh run in any layout:
     no optimizer state, step, data position or random state. `label`: how an error names the path."""
     _read(checkpoint_state(model), path, failure=f"{label or f'checkpoint.init_from={path}'}: cannot load its weights")
+
+
+def saved_tensors(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor key of checkpoint `path` with its global shape and dtype (from DCP's metadata alone)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    with _labelled(f"{path}: cannot read the checkpoint's index"):
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    return {key: (tuple(md.size), md.properties.dtype) for key, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)}
+
+
+def read_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The whole global tensors `keys` of checkpoint `path`, in this process alone, whatever layout wrote them
+    (offline tools: export, tests). Read a few keys at a time to bound memory."""
+    shapes = saved_tensors(path)
+    state = {key: torch.empty(shapes[key][0], dtype=shapes[key][1]) for key in keys}
+    _read(state, path, failure=f"{path}: cannot read {', '.join(keys[:3])}")
+    return state
 
 
 @contextlib.contextmanager

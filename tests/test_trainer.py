@@ -193,6 +193,19 @@ def test_corrupt_meta_is_a_checkpoint_error(tmp_path, tiny_corpus):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
 
 
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3")
+    train(cfg)
+    meta_path = os.path.join(cfg.checkpoint_dir, "step_00000003", "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(meta_path, "w") as f:  # as format 1 wrote it: no format, no manifest
+        json.dump({k: v for k, v in meta.items() if k not in ("format", "files")}, f)
+    with pytest.raises(CheckpointError, match="step_00000003 is in checkpoint format 1 .* reads format 2") as err:
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
+    assert "\n" not in str(err.value)
+
+
 def test_a_damaged_checkpoint_is_named_and_auto_resume_takes_the_newest_intact_one(tmp_path, tiny_corpus, capsys):
     """What a new user does: truncate the latest checkpoint's shard file and resume. The run says which file of
     which checkpoint is damaged, sets it aside (never deletes it) and resumes from the one before; an explicit
