@@ -18,6 +18,7 @@ schedule is a pure function of the step, so `meta.json`'s step is the scheduler'
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -64,36 +65,75 @@ def check_writable(ckpt_dir: str) -> None:
                               "choose another folder") from None
 
 
+class Background:
+    """Where checkpoints are written in the background (`checkpoint.async_save`): one writer thread, and a gloo
+    process group of its own for DCP's coordination (so that it never shares a communicator with the
+    training's collectives, which run meanwhile on the main thread). Create it on every rank together."""
+
+    def __init__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+class PendingSave:
+    """A checkpoint being written in the background. Training goes on; `finish()` (on every rank together)
+    waits for the write, checksums the files and only then renames the folder and moves `latest`."""
+
+    def __init__(self, future: concurrent.futures.Future, publish: Callable[[], str], path: str):
+        self.future, self.publish, self.path = future, publish, path
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> str:
+        with _labelled(f"checkpoint {self.path} could not be written; the previous checkpoints are intact"):
+            self.future.result()
+        return self.publish()
+
+
 def save(
     ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int, fp8=None,
-    teacher=None,
-) -> str:
-    """Write checkpoint `step` atomically (every rank its boxes); return its folder."""
+    teacher=None, background: Background | None = None,
+) -> str | PendingSave:
+    """Write checkpoint `step` atomically (every rank its boxes); return its folder. With `background`, the
+    state is first copied to CPU memory (the only part the caller waits for) and written by the background
+    thread: a `PendingSave` is returned, whose `finish()` completes it."""
     rank = topology.rank
     final = os.path.join(ckpt_dir, step_name(step))
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_name(step))
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a save that crashed
     barrier()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(checkpoint_state(model, optimizer.state_pieces(), fp8=fp8, teacher=teacher), checkpoint_id=tmp)
+    os.makedirs(tmp, exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()  # every rank's files are in place before they are checksummed
-    files = manifest(tmp)
-    if rank == 0:
-        seal(tmp, {"step": step, **meta}, files=files)
-        stale = None
-        if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
-            stale = final + ".old"
-            os.replace(final, stale)
-        os.rename(tmp, final)
-        _write_latest(ckpt_dir, step_name(step))
-        if stale:
-            shutil.rmtree(stale)
-        _prune(ckpt_dir, keep_last)
-    barrier()
-    return final
+    state = checkpoint_state(model, optimizer.state_pieces(), fp8=fp8, teacher=teacher, staged=background is not None)
+
+    def write():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, checkpoint_id=tmp, process_group=background.group if background else None)
+
+    def publish() -> str:
+        barrier()  # every rank's files are in place before they are checksummed
+        files = manifest(tmp)
+        if rank == 0:
+            seal(tmp, {"step": step, **meta}, files=files)
+            stale = None
+            if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
+                stale = final + ".old"
+                os.replace(final, stale)
+            os.rename(tmp, final)
+            _write_latest(ckpt_dir, step_name(step))
+            if stale:
+                shutil.rmtree(stale)
+            _prune(ckpt_dir, keep_last)
+        barrier()
+        return final
+
+    if background is not None:
+        return PendingSave(background.executor.submit(write), publish, final)
+    write()
+    return publish()
 
 
 def _shared(names: list[str], work: Callable[[str], object]) -> dict:

@@ -38,6 +38,8 @@ CASES = {  # name: (model, (world, layout) saving, (world, layout) resuming)
     "EP4 distributed -> EP2xETP2": (MOE_BIAS, (4, ["parallel.expert=4", "parallel.expert_tensor=1",
                                                    "optimizer.distributed=true"]),
                                     (4, ["parallel.expert=2", "parallel.expert_tensor=2"])),
+    "TP2xDP2 distributed, saved in the background -> DP2": ((), (4, ["parallel.tensor=2", "optimizer.distributed=true",
+                                                                  "checkpoint.async_save=true"]), (2, [])),
     "PP2 interleaved, tied -> CP2": (TIED, (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
                                      (2, ["parallel.context=2"])),
 }

@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -332,3 +333,53 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, tiny_corpus):
     with pytest.raises(CheckpointError, match="other data settings"):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6", "run.seed=99"))
     Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))  # one phase: a longer run reads the same stream
+
+
+def _saved(folder: str) -> dict:
+    return checkpoint.read_tensors(folder, sorted(checkpoint.saved_tensors(folder)))
+
+
+def test_async_save_writes_what_a_blocking_save_writes_and_resumes_exactly(tmp_path, tiny_corpus, monkeypatch):
+    """Saves written in the background while the next steps change the weights hold the weights of their step
+    (they were copied first): the same tensors as blocking saves, and a resume from them continues bitwise."""
+    extra = ("train.iters=6", "checkpoint.interval=2", "checkpoint.keep_last=3", "eval.interval=0")
+    blocking = tiny_config(tmp_path / "blocking", tiny_corpus, *extra)
+    train(blocking)
+    background = tiny_config(tmp_path / "background", tiny_corpus, *extra, "checkpoint.async_save=true")
+    real = checkpoint.dcp.save
+
+    def slow(state, **kwargs):  # the writer starts only once the next step has changed the weights
+        time.sleep(0.5)
+        return real(state, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", slow)
+    train(background)
+    monkeypatch.setattr(checkpoint.dcp, "save", real)
+    for step in ("step_00000002", "step_00000004", "step_00000006"):
+        one, other = (_saved(os.path.join(c.checkpoint_dir, step)) for c in (blocking, background))
+        assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one), step
+    with open(os.path.join(background.checkpoint_dir, "latest")) as f:
+        assert f.read().strip() == "step_00000006"
+    for folder, more in (("blocking", ()), ("background", ("checkpoint.async_save=true",))):
+        train(tiny_config(tmp_path / folder, tiny_corpus, *extra[1:], *more, "train.iters=8"))
+    def losses(cfg):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(cfg)]
+
+    assert losses(blocking) == losses(background) and len(losses(blocking)) == 8
+
+
+def test_a_failed_background_write_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=4", "checkpoint.interval=2", "checkpoint.async_save=true")
+    real, calls = checkpoint.dcp.save, []
+
+    def failing(state, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(state, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", failing)
+    with pytest.raises(CheckpointError, match="step_00000004 could not be written; the previous checkpoints are "
+                                              "intact .OSError: .Errno 28. No space left on device"):
+        train(cfg)
+    assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000002")
