@@ -18,6 +18,7 @@ schedule is a pure function of the step, so `meta.json`'s step is the scheduler'
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -64,36 +65,75 @@ def check_writable(ckpt_dir: str) -> None:
                               "choose another folder") from None
 
 
+class Background:
+    """Where checkpoints are written in the background (`checkpoint.async_save`): one writer thread, and a gloo
+    process group of its own for DCP's coordination (so that it never shares a communicator with the
+    training's collectives, which run meanwhile on the main thread). Create it on every rank together."""
+
+    def __init__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+class PendingSave:
+    """A checkpoint being written in the background. Training goes on; `finish()` (on every rank together)
+    waits for the write, checksums the files and only then renames the folder and moves `latest`."""
+
+    def __init__(self, future: concurrent.futures.Future, publish: Callable[[], str], path: str):
+        self.future, self.publish, self.path = future, publish, path
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> str:
+        with _labelled(f"checkpoint {self.path} could not be written; the previous checkpoints are intact"):
+            self.future.result()
+        return self.publish()
+
+
 def save(
     ckpt_dir: str, step: int, *, model: torch.nn.Module, optimizer, topology, meta: dict, keep_last: int, fp8=None,
-    teacher=None,
-) -> str:
-    """Write checkpoint `step` atomically (every rank its boxes); return its folder."""
+    teacher=None, background: Background | None = None,
+) -> str | PendingSave:
+    """Write checkpoint `step` atomically (every rank its boxes); return its folder. With `background`, the
+    state is first copied to CPU memory (the only part the caller waits for) and written by the background
+    thread: a `PendingSave` is returned, whose `finish()` completes it."""
     rank = topology.rank
     final = os.path.join(ckpt_dir, step_name(step))
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_name(step))
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a save that crashed
     barrier()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(checkpoint_state(model, optimizer.state_pieces(), fp8=fp8, teacher=teacher), checkpoint_id=tmp)
+    os.makedirs(tmp, exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()  # every rank's files are in place before they are checksummed
-    files = manifest(tmp)
-    if rank == 0:
-        seal(tmp, {"step": step, **meta}, files=files)
-        stale = None
-        if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
-            stale = final + ".old"
-            os.replace(final, stale)
-        os.rename(tmp, final)
-        _write_latest(ckpt_dir, step_name(step))
-        if stale:
-            shutil.rmtree(stale)
-        _prune(ckpt_dir, keep_last)
-    barrier()
-    return final
+    state = checkpoint_state(model, optimizer.state_pieces(), fp8=fp8, teacher=teacher, staged=background is not None)
+
+    def write():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, checkpoint_id=tmp, process_group=background.group if background else None)
+
+    def publish() -> str:
+        barrier()  # every rank's files are in place before they are checksummed
+        files = manifest(tmp)
+        if rank == 0:
+            seal(tmp, {"step": step, **meta}, files=files)
+            stale = None
+            if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
+                stale = final + ".old"
+                os.replace(final, stale)
+            os.rename(tmp, final)
+            _write_latest(ckpt_dir, step_name(step))
+            if stale:
+                shutil.rmtree(stale)
+            _prune(ckpt_dir, keep_last)
+        barrier()
+        return final
+
+    if background is not None:
+        return PendingSave(background.executor.submit(write), publish, final)
+    write()
+    return publish()
 
 
 def _shared(names: list[str], work: Callable[[str], object]) -> dict:
@@ -191,7 +231,8 @@ def resolve(resume: str, ckpt_dir: str, *, announce: Callable[[str], None] = pri
     if resume != "auto":
         if not os.path.isdir(resume):
             raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
-        _check_intact(resume, label=f"checkpoint.resume={resume!r}")
+        _check_intact(resume, label=f"checkpoint.resume={resume!r}",
+                      fix="resume from another checkpoint (checkpoint.resume=auto takes the newest intact one)")
         return resume
     if not os.path.isdir(ckpt_dir):
         return None
@@ -216,13 +257,12 @@ def resolve(resume: str, ckpt_dir: str, *, announce: Callable[[str], None] = pri
     return None
 
 
-def _check_intact(path: str, *, label: str) -> dict:
+def _check_intact(path: str, *, label: str, fix: str) -> dict:
     """The meta of checkpoint `path`, after checking its files (one CheckpointError naming the damaged file)."""
     meta = read_meta(path)
     problem = damage(path, meta)
     if problem:
-        raise CheckpointError(f"{label}: the checkpoint is damaged ({problem}); resume from another checkpoint "
-                              "(checkpoint.resume=auto takes the newest intact one)")
+        raise CheckpointError(f"{label}: the checkpoint is damaged ({problem}); {fix}")
     return meta
 
 
@@ -262,7 +302,7 @@ def resolve_init(path: str, *, label: str | None = None) -> str:
     if found is None:
         raise CheckpointError(f"{label}: no foldtron checkpoint there (a step_* folder with {META}, or a "
                               "checkpoint.dir holding one)")
-    _check_intact(found, label=label)
+    _check_intact(found, label=label, fix="use another checkpoint")
     return found
 
 
@@ -306,6 +346,25 @@ def load_weights(path: str, *, model: torch.nn.Module, label: str | None = None)
     """Only the model's weights from `path` (checked with `check_model` first), for a fresh run in any layout:
     no optimizer state, step, data position or random state. `label`: how an error names the path."""
     _read(checkpoint_state(model), path, failure=f"{label or f'checkpoint.init_from={path}'}: cannot load its weights")
+
+
+def saved_tensors(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor key of checkpoint `path` with its global shape and dtype (from DCP's metadata alone)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    with _labelled(f"{path}: cannot read the checkpoint's index"):
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    return {key: (tuple(md.size), md.properties.dtype) for key, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)}
+
+
+def read_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The whole global tensors `keys` of checkpoint `path`, in this process alone, whatever layout wrote them
+    (offline tools: export, tests). Read a few keys at a time to bound memory."""
+    shapes = saved_tensors(path)
+    state = {key: torch.empty(shapes[key][0], dtype=shapes[key][1]) for key in keys}
+    _read(state, path, failure=f"{path}: cannot read {', '.join(keys[:3])}")
+    return state
 
 
 @contextlib.contextmanager

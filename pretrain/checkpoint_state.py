@@ -32,33 +32,48 @@ from pretrain.boxes import boxed, flat_boxes, shifted
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def checkpoint_state(model: torch.nn.Module, adam: list | None = None, *, fp8=None, teacher=None) -> dict:
+def checkpoint_state(model: torch.nn.Module, adam: list | None = None, *, fp8=None, teacher=None,
+                     staged: bool = False) -> dict:
     """The state DCP saves or loads into (see the module docstring). `adam`: the optimizer's `state_pieces()`
     (None: the weights alone, for checkpoint.init_from). `fp8`: the FP8 feature, whose `state_dict` is nested
-    under "fp8"; `teacher`: RLP's EMA teacher model."""
+    under "fp8"; `teacher`: RLP's EMA teacher model. `staged`: copies in CPU memory instead of views, for a save
+    written in the background while training changes the originals."""
+    keep = _staged if staged else (lambda t: t.detach())
     state = {}
     for prefix, module in (("model.", model), ("ema.", teacher)):
         if module is not None:
-            state.update({prefix + name: _weight(t) for name, t in module.state_dict(keep_vars=True).items()})
+            state.update({prefix + name: _weight(t, keep) for name, t in module.state_dict(keep_vars=True).items()})
     names = {p: name for name, p in model.named_parameters()}
     for p, lo, hi, moments in adam or []:
         key = f"optim.{names[p]}"
         for moment in MOMENTS:
-            state[f"{key}.{moment}"] = _range(p, moments[moment], lo, hi)
-        state[f"{key}.step"] = moments["step"]
+            state[f"{key}.{moment}"] = _range(p, keep(moments[moment]), lo, hi)
+        state[f"{key}.step"] = keep(moments["step"])
     if fp8 is not None and (fp8_state := fp8.state_dict()):
-        state["fp8"] = fp8_state
+        state["fp8"] = _map_tensors(fp8_state, keep)
     return state
 
 
-def _weight(t: torch.Tensor) -> torch.Tensor:
+def _staged(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def _map_tensors(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _weight(t: torch.Tensor, keep) -> torch.Tensor:
     """A parameter as the box its placement gives; a buffer (the experts' routing bias) is the same on every
     rank and saved whole."""
     if not isinstance(t, torch.nn.Parameter):
-        return t
+        return keep(t)
     where = placement_of(t)
     box = (tuple(s.start for s in where.local_slices()), where.local_shape)
-    return boxed([(box, t.detach())], where.global_shape)
+    return boxed([(box, keep(t))], where.global_shape)
 
 
 def _range(p: torch.nn.Parameter, moment: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

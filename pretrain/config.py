@@ -263,6 +263,9 @@ class CheckpointConfig:
     # optimizer, schedule and data position; ignored when the run resumes its own checkpoint
     init_from: Optional[str] = None
     save_at_end: bool = True
+    # copy the state to CPU memory and write it in the background while training goes on; `latest` moves only
+    # once every file is written (pretrain/checkpoint.py)
+    async_save: bool = False
 
 
 @dataclass

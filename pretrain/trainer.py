@@ -215,6 +215,8 @@ class Trainer:
             self.rlp.teacher.reset()
         self.step = meta["step"]
         self.last_saved = self.step if self.resume_from else None
+        self.background = checkpoint.Background() if cfg.checkpoint.async_save else None
+        self.pending_save: checkpoint.PendingSave | None = None
 
         self.loader = DataLoader(
             self.data, t.global_batch_size, t.micro_batch_size, dp_rank=topology.dp_rank, dp_size=topology.dp,
@@ -445,14 +447,30 @@ class Trainer:
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
         }
-        path = checkpoint.save(
+        self.finish_save()  # one save in flight at a time
+        saved = checkpoint.save(
             self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, topology=self.topology, meta=meta,
             keep_last=self.cfg.checkpoint.keep_last, fp8=self.fp8,
-            teacher=self.rlp.teacher.model if self.rlp is not None else None,
+            teacher=self.rlp.teacher.model if self.rlp is not None else None, background=self.background,
         )
         self.last_saved = self.step
+        if isinstance(saved, checkpoint.PendingSave):
+            self.pending_save = saved
+        elif self.is_main:
+            print(f"saved checkpoint {saved}", flush=True)
+
+    def finish_save(self, *, if_done: bool = False) -> None:
+        """Complete the checkpoint being written in the background, if any (on every rank together); with
+        `if_done`, only if no rank is still writing (the ranks agree on it: one small all-reduce per step while
+        a write is in flight)."""
+        if self.pending_save is None:
+            return
+        if if_done and distributed.any_rank(not self.pending_save.done(), device=self.device)[0]:
+            return
+        pending, self.pending_save = self.pending_save, None
+        path = pending.finish()
         if self.is_main:
-            print(f"saved checkpoint {path}", flush=True)
+            print(f"saved checkpoint {path} (written in the background)", flush=True)
 
     # ------------------------------------------------------------------ the run
 
@@ -535,6 +553,7 @@ class Trainer:
                 validation = self.evaluate() if evaluating else None
                 if evaluating or step % cfg.logging.interval == 0 or step == t.iters:
                     self.metrics.log(step, self.step_record(grad_norm, validation))
+                self.finish_save(if_done=True)
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                     self.save()
                 if t.time_limit_minutes and distributed.any_rank(time.perf_counter() > deadline, device=self.device)[0]:
@@ -543,6 +562,7 @@ class Trainer:
                     break
             if (cfg.checkpoint.save_at_end or self.step < t.iters) and self.last_saved != self.step:
                 self.save()  # an early stop always saves, so the run can resume
+            self.finish_save()
         finally:
             self.loader.close()
             self.metrics.close()

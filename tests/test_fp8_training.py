@@ -110,6 +110,23 @@ def test_an_fp8_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_c
     assert {r["precision"] for r in read_metrics(full)} == {f"fp8 torch {recipe} hybrid"}
 
 
+def _train_ranks(rank, world, cfg):
+    return train(cfg, world, rank)
+
+
+def test_delayed_histories_of_a_pp2_checkpoint_resume_on_one_rank(tmp_path, tiny_corpus):
+    """FP8 state is keyed by the GEMM's name: each stage saved its layers' histories, and one rank reads all."""
+    extra = (*FP8, "precision.fp8.recipe=delayed", "precision.fp8.amax_history_len=4")
+    run_ranks(2, _train_ranks, tiny_config(tmp_path, tiny_corpus, *extra, "parallel.pipeline=2",
+                                           "train.stop_at_step=3", "checkpoint.interval=0"))
+    rest = Trainer(tiny_config(tmp_path, tiny_corpus, *extra, "checkpoint.interval=0"))
+    assert rest.step == 3 and not rest.fp8_afresh and rest.resharded_from["pp"] == 2
+    histories = {name: g.history["input"] for name, g in rest.fp8.gemms.items()}
+    assert {name.split(".")[1] for name in histories} == {"0", "1"}  # both stages' layers
+    assert all(h[:3].gt(0).all() and h[3] == 0 for h in histories.values()), histories
+    rest.run()
+
+
 def test_a_bf16_checkpoint_resumes_in_fp8_with_fresh_histories(tmp_path, tiny_corpus, capsys):
     train(tiny_config(tmp_path, tiny_corpus, "precision.dtype=bf16", "train.stop_at_step=3"))
     trainer = Trainer(tiny_config(tmp_path, tiny_corpus, *FP8, "precision.fp8.recipe=delayed"))

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from multirank import run_ranks
 from parallel.placement import placement_of
-from pretrain.checkpoint import CheckpointError
 from pretrain.trainer import Trainer, train
 from test_parallel_equivalence import layout_config
 
@@ -200,7 +199,7 @@ def train_and_report(rank, world, cfg):
     ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=4", "parallel.expert_tensor=1",
      "model.moe.num_experts=8", "model.moe.router.score=sigmoid", "model.moe.router.expert_bias_update_rate=0.01"],
 ])
-def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path, tiny_corpus, layout):
+def test_parallel_checkpoint_resumes_exactly_in_its_layout(tmp_path, tiny_corpus, layout):
     extra = ("train.iters=6", "logging.interval=1", "eval.interval=3", "eval.iters=1")
     full = layout_config(tmp_path / "full", tiny_corpus, *layout, *extra)
     run_ranks(8, train_and_report, full)
@@ -217,18 +216,6 @@ def test_parallel_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path
             return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in map(json.loads, f)]
 
     assert records(part) == records(full)  # bitwise: the same ranks add the same numbers in the same order
-    other = layout_config(tmp_path / "part", tiny_corpus, "parallel.tensor=2", "parallel.sequence_parallel=true",
-                          *extra, "train.iters=9", *[o for o in layout if o.startswith("model.")])
-    with pytest.raises(AssertionError, match="parallel layout"):
-        run_ranks(4, train_and_report, other)
-    with pytest.raises(CheckpointError, match="parallel layout"):
-        Trainer(layout_config(tmp_path / "part", tiny_corpus, *extra, "train.iters=9",
-                              *[o for o in layout if o.startswith("model.")]))
-    if "parallel.virtual_pipeline=2" in layout:  # the same ranks, the layers cut into other stages
-        plain = [o for o in layout if not o.startswith("parallel.virtual")]
-        with pytest.raises(AssertionError, match="pipeline_layers"):
-            run_ranks(8, train_and_report,
-                      layout_config(tmp_path / "part", tiny_corpus, *plain, *extra, "train.iters=9"))
 
 
 def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):

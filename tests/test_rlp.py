@@ -8,6 +8,7 @@ from conftest import tiny_config
 from multirank import run_ranks
 from parallel.collectives import all_gather_dim
 from parallel.placement import placement_of
+from pretrain import checkpoint
 from pretrain.config import ConfigError
 from pretrain.objectives import rlp
 from pretrain.objectives.rlp import advantages, clipped_surrogate, kl_to_teacher, score_rows
@@ -259,6 +260,26 @@ def test_an_rlp_run_resumes_bitwise(tmp_path, tiny_corpus):
     for p, q in zip(straight.rlp.teacher.model.parameters(), resumed.rlp.teacher.model.parameters()):
         assert torch.equal(p, q)
     assert straight.metrics.last_loss == resumed.metrics.last_loss
+
+
+def _train_ranks(rank, world, cfg):
+    return train(cfg, world, rank)
+
+
+def test_an_rlp_checkpoint_of_tp2_resumes_on_one_rank_with_its_teacher(tmp_path, tiny_corpus):
+    """The EMA teacher moves between layouts like the weights: TP2's `ema.*` boxes, read on one rank, are the
+    checkpoint's whole tensors (and differ from the weights, so it is the teacher that was read)."""
+    run_ranks(2, _train_ranks, rlp_config(tmp_path, tiny_corpus, "train.iters=4", "train.stop_at_step=2",
+                                          "parallel.tensor=2", "parallel.sequence_parallel=true"))
+    resumed = Trainer(rlp_config(tmp_path, tiny_corpus, "train.iters=4"))
+    assert resumed.step == 2 and not resumed.teacher_afresh and resumed.resharded_from["tp"] == 2
+    folder = resumed.resume_from
+    teacher = dict(resumed.rlp.teacher.model.named_parameters())
+    saved = checkpoint.read_tensors(folder, [f"ema.{name}" for name in teacher])
+    assert all(torch.equal(teacher[name], saved[f"ema.{name}"]) for name in teacher)
+    weights = dict(resumed.model.named_parameters())
+    assert any(not torch.equal(weights[name], teacher[name]) for name in teacher)
+    resumed.run()
 
 
 def test_rlp_starts_from_a_pretraining_run_with_its_teacher_at_the_weights(tmp_path, tiny_corpus):

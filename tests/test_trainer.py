@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -193,6 +194,19 @@ def test_corrupt_meta_is_a_checkpoint_error(tmp_path, tiny_corpus):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
 
 
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3")
+    train(cfg)
+    meta_path = os.path.join(cfg.checkpoint_dir, "step_00000003", "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(meta_path, "w") as f:  # as format 1 wrote it: no format, no manifest
+        json.dump({k: v for k, v in meta.items() if k not in ("format", "files")}, f)
+    with pytest.raises(CheckpointError, match="step_00000003 is in checkpoint format 1 .* reads format 2") as err:
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
+    assert "\n" not in str(err.value)
+
+
 def test_a_damaged_checkpoint_is_named_and_auto_resume_takes_the_newest_intact_one(tmp_path, tiny_corpus, capsys):
     """What a new user does: truncate the latest checkpoint's shard file and resume. The run says which file of
     which checkpoint is damaged, sets it aside (never deletes it) and resumes from the one before; an explicit
@@ -319,3 +333,53 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, tiny_corpus):
     with pytest.raises(CheckpointError, match="other data settings"):
         Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6", "run.seed=99"))
     Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))  # one phase: a longer run reads the same stream
+
+
+def _saved(folder: str) -> dict:
+    return checkpoint.read_tensors(folder, sorted(checkpoint.saved_tensors(folder)))
+
+
+def test_async_save_writes_what_a_blocking_save_writes_and_resumes_exactly(tmp_path, tiny_corpus, monkeypatch):
+    """Saves written in the background while the next steps change the weights hold the weights of their step
+    (they were copied first): the same tensors as blocking saves, and a resume from them continues bitwise."""
+    extra = ("train.iters=6", "checkpoint.interval=2", "checkpoint.keep_last=3", "eval.interval=0")
+    blocking = tiny_config(tmp_path / "blocking", tiny_corpus, *extra)
+    train(blocking)
+    background = tiny_config(tmp_path / "background", tiny_corpus, *extra, "checkpoint.async_save=true")
+    real = checkpoint.dcp.save
+
+    def slow(state, **kwargs):  # the writer starts only once the next step has changed the weights
+        time.sleep(0.5)
+        return real(state, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", slow)
+    train(background)
+    monkeypatch.setattr(checkpoint.dcp, "save", real)
+    for step in ("step_00000002", "step_00000004", "step_00000006"):
+        one, other = (_saved(os.path.join(c.checkpoint_dir, step)) for c in (blocking, background))
+        assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one), step
+    with open(os.path.join(background.checkpoint_dir, "latest")) as f:
+        assert f.read().strip() == "step_00000006"
+    for folder, more in (("blocking", ()), ("background", ("checkpoint.async_save=true",))):
+        train(tiny_config(tmp_path / folder, tiny_corpus, *extra[1:], *more, "train.iters=8"))
+    def losses(cfg):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(cfg)]
+
+    assert losses(blocking) == losses(background) and len(losses(blocking)) == 8
+
+
+def test_a_failed_background_write_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=4", "checkpoint.interval=2", "checkpoint.async_save=true")
+    real, calls = checkpoint.dcp.save, []
+
+    def failing(state, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(state, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", failing)
+    with pytest.raises(CheckpointError, match="step_00000004 could not be written; the previous checkpoints are "
+                                              "intact .OSError: .Errno 28. No space left on device"):
+        train(cfg)
+    assert checkpoint.resolve("auto", cfg.checkpoint_dir).endswith("step_00000002")

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -125,27 +124,11 @@ def ranks(n: int) -> str:
     return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
-def generation_sizes(folder: str, meta: dict, world: int) -> Sizes:
-    """The layout to generate on: the checkpoint's tensor (and expert) sharding, no PP or CP, and exactly as
-    many ranks as that needs; else an error saying how to run."""
-    layout = meta.get("layout") or {}
-    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
-    moe = bool((meta.get("model_signature") or {}).get("moe"))
-    ep, etp = (layout.get("ep", 1), layout.get("etp") or tp) if moe else (1, tp)
-    if pp > 1:
-        raise GenerationError(f"{folder} was written with pipeline={pp}: its weights are split over {pp} pipeline "
-                              "stages, and generation runs on one (loading into another layout is not supported "
-                              "yet); generate from a checkpoint of a run with parallel.pipeline=1")
-    needed = math.lcm(tp, ep * etp)
-    if world != needed:
-        written = ", ".join(f"{name}={size}" for name, size in (("tensor", tp), ("expert", ep), ("expert_tensor", etp))
-                            if size > 1 and (name == "tensor" or moe)) or "tensor=1"
-        command = (f"torchrun --nproc-per-node {needed} -m tools.{PROGRAM}" if needed > 1
-                   else f"python -m tools.{PROGRAM}")
-        raise GenerationError(f"{folder} was written with {written}, and its weights are read in that layout: run on "
-                              f"{ranks(needed)}, not {world}: {command} CHECKPOINT ...")
-    sizes = Sizes(world=world, tp=tp, ep=ep, etp=etp, order=layout.get("order", "tp-cp-ep-dp-pp"),
-                  sp=bool(layout.get("sequence_parallel", False)))
+def generation_sizes(world: int) -> Sizes:
+    """The layout to generate on: tensor parallelism over every rank (an MoE's experts too: ETP = TP, EP 1), no
+    PP, CP or DP. Checkpoints are layout-free, so any number of ranks that divides the model's heads and
+    widths reads any checkpoint."""
+    sizes = Sizes(world=world, tp=world, ep=1, etp=world, order="tp-cp-ep-dp-pp", sp=False)
     sizes.check()
     return sizes
 
@@ -285,7 +268,7 @@ def agreed_seed(seed: int | None, device: torch.device) -> int:
 
 def load_model(cfg: Config, topology: Topology, device: torch.device, folder: str) -> GPT:
     model = GPT(cfg.model, cfg.model.vocab_size, topology).to(device)
-    checkpoint.load_weights(folder, model=model, topology=topology, label=folder)
+    checkpoint.load_weights(folder, model=model, label=folder)
     return model
 
 
@@ -305,11 +288,16 @@ def completion_text(tokenizer, prompt: list[int], completion: list[int]) -> str:
 def sample_all(args: argparse.Namespace, world: int, rank: int):
     """Every step from the arguments to the report (the same on every rank); returns it and the tokenizer."""
     folder, meta, cfg = open_checkpoint(args.checkpoint)
-    sizes = generation_sizes(folder, meta, world)
+    sizes = generation_sizes(world)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GenerationError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     trained_fp8 = cfg.precision.fp8.enabled
     cfg = generation_config(cfg, sizes, args.device)
+    try:
+        cfg.validate(world)
+    except ConfigError as err:  # "model.num_attention_heads=4 is not divisible by parallel.tensor=3: ..."
+        raise GenerationError(f"{folder} cannot be split over {ranks(world)} (generation runs tensor-parallel over "
+                              f"all of them): {err}; run on another number of ranks") from None
     tokenizer = load_tokenizer(cfg, folder, args.tokenizer_path)
     prompts = read_prompts(args)
     encoded = encode_prompts(tokenizer, prompts)
