@@ -24,9 +24,12 @@ setup(
         "tokenizers",
         "sentencepiece",
         "zstandard",
+        # Hugging Face model folders, read and written by python -m tools.convert_checkpoint
+        "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "ruff"],  # ruff: the lint step of .ci/run (ruff.toml)
+        # ruff: the lint step of .ci/run (ruff.toml); transformers: the reference of tests/test_hf_convert.py
+        "test": ["pytest", "ruff", "transformers>=5", "safetensors"],  # v5: rope_parameters, dtype=
         # python -m tools.bench_train's baseline (Hugging Face's Llama); its tests skip that part without it
         "bench": ["transformers>=4.45"],
         # CUDA only: FP8 and fused layers.

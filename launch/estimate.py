@@ -191,7 +191,7 @@ def activation_terms(
     (those kept plus those of the recomputed layers), for the report."""
     s, b, S = m.seq_length // cp, micro_batch, m.seq_length
     h, f, g, a = m.hidden_size, m.ffn_size, m.query_groups, m.num_attention_heads
-    d = h // a
+    d = m.head_size
     e, r = element_bytes, residual_bytes
     T = s * b
     q = tp if sequence_parallel else 1
@@ -199,10 +199,13 @@ def activation_terms(
     autocast = e < r
     norm = (2 if m.norm == "rmsnorm" else 1) * r * T * h / q + 4 * T / q  # + its rstd
     layer_input = r * T * h / q
-    attention = e * T * h + (e * T * (h + 2 * g * d) + e * T * (h + g * d) + e * T * h + 4 * T * a) / tp
+    heads = a * d  # the width of the queries and of attention's output (hidden_size unless model.head_dim differs)
+    attention = e * T * h + (e * T * (heads + 2 * g * d) + e * T * (heads + g * d) + e * T * heads + 4 * T * a) / tp
+    if m.qk_norm:  # the q/k norms (fp32) keep their inputs and outputs, and their rstd
+        attention += (8 * T * (heads + g * d) + 4 * T * (a + g)) / tp
     if cp > 1:
         attention += 2 * e * S * b * g * d / tp
-    attention_selective = layer_input + (e * T * (h + 2 * g * d) + e * T * h + 4 * T * a) / tp + 2 * e * T * h
+    attention_selective = layer_input + (e * T * (heads + 2 * g * d) + e * T * heads + 4 * T * a) / tp + 2 * e * T * h
 
     def mlp(width: int) -> float:
         inputs = (2 if swiglu and (autocast or q > 1) else 1) * e * T * h  # a copy per linear: see the docstring
@@ -246,9 +249,9 @@ def activation_terms(
 
 def layer_matmul_weights(m: ModelConfig, *, tp: int = 1, ep: int = 1, etp: int = 1) -> tuple[float, float]:
     """Elements of one rank's matmul weights in (a dense layer, an MoE layer): what autocast casts to bf16."""
-    h, f, g, d = m.hidden_size, m.ffn_size, m.query_groups, m.hidden_size // m.num_attention_heads
+    h, f, g, d, a = m.hidden_size, m.ffn_size, m.query_groups, m.head_size, m.num_attention_heads
     per_mlp = 3 if m.activation == "swiglu" else 2
-    attention = (h * (h + 2 * g * d) + h * h) / tp
+    attention = (h * (a * d + 2 * g * d) + h * a * d) / tp
     moe = 0.0
     if m.moe.num_experts:
         moe = attention + m.moe.num_experts / ep * per_mlp * h * (m.moe.ffn_hidden_size or f) / etp \
@@ -259,8 +262,7 @@ def layer_matmul_weights(m: ModelConfig, *, tp: int = 1, ep: int = 1, etp: int =
 def kv_cache_bytes(m: ModelConfig, rows: int, *, tp: int, element_bytes: int, layers: int) -> float:
     """The key-value cache of generation (pretrain/model/kv_cache.py): keys and values of this rank's query groups,
     for `rows` sequences of up to seq_length tokens, in every layer of the stage."""
-    head_dim = m.hidden_size // m.num_attention_heads
-    return 2.0 * layers * rows * (m.query_groups // tp) * head_dim * m.seq_length * element_bytes
+    return 2.0 * layers * rows * (m.query_groups // tp) * m.head_size * m.seq_length * element_bytes
 
 
 def human_bytes(n: float) -> str:

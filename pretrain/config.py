@@ -95,11 +95,25 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Rotary frequencies rescaled for a longer context than pretraining's. `type: llama3` is Llama-3.1's (the
+    frequencies of wavelengths above original_max_position_embeddings / low_freq_factor divided by `factor`, those
+    below original / high_freq_factor kept, a smooth blend between); null: none."""
+    type: Optional[Literal["llama3"]] = None
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # null: one per head (multi-head attention)
+    head_dim: Optional[int] = None  # width of each attention head; null: hidden_size / num_attention_heads
+    qk_norm: bool = False  # RMSNorm over head_dim of each query and key head before the rotary embedding (Qwen3)
     ffn_hidden_size: Optional[int] = None  # null: 4*hidden (gelu), 8/3*hidden rounded up to 64 (swiglu)
     seq_length: int = 256
     vocab_size: Optional[int] = None  # null: the tokenizer's vocabulary, padded to vocab_multiple
@@ -110,6 +124,10 @@ class ModelConfig:
     norm_impl: Literal["auto", "torch", "apex"] = "auto"
     activation: Literal["swiglu", "gelu"] = "swiglu"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # the context the model is meant for: written to an exported Hugging Face config.json (max_position_embeddings);
+    # no effect on training; null: seq_length
+    max_position_embeddings: Optional[int] = None
     tie_embeddings: bool = False
     # tokens per chunk of the output layer fused with the loss (peak memory ~ chunk x vocab / TP); null: one chunk
     loss_chunk_tokens: Optional[int] = 8192
@@ -123,6 +141,11 @@ class ModelConfig:
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        """The width of each attention head (`head_dim`, or hidden_size / num_attention_heads)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:
@@ -283,7 +306,7 @@ class Config:
         return dataclasses.replace(
             self,
             model=dataclasses.replace(m, num_query_groups=m.query_groups, ffn_hidden_size=m.ffn_size,
-                                      vocab_size=vocab_size),
+                                      head_dim=m.head_size, vocab_size=vocab_size),
             parallel=dataclasses.replace(p, expert_tensor=p.expert_tensor or p.tensor),
             checkpoint=dataclasses.replace(self.checkpoint, dir=self.checkpoint_dir),
         )
@@ -310,7 +333,8 @@ class Config:
                   "set run.dir for a path")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_multiple"):
             e.positive(f"model.{name}", getattr(m, name))
-        for name in ("num_query_groups", "ffn_hidden_size", "vocab_size", "loss_chunk_tokens"):
+        for name in ("num_query_groups", "head_dim", "ffn_hidden_size", "vocab_size", "loss_chunk_tokens",
+                     "max_position_embeddings"):
             if getattr(m, name) is not None:
                 e.positive(f"model.{name}", getattr(m, name))
         e.positive("model.norm_eps", m.norm_eps)
@@ -356,16 +380,17 @@ class Config:
 
     def _validate_consistency(self, e: "_Errors", world_size: int) -> None:
         m, t, s = self.model, self.train, self.scheduler
-        if m.hidden_size % m.num_attention_heads:
+        if m.head_dim is None and m.hidden_size % m.num_attention_heads:
             e.add(
                 f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-                f"{m.num_attention_heads}: choose a head count that divides the hidden size"
+                f"{m.num_attention_heads}: choose a head count that divides the hidden size, or set model.head_dim"
             )
-        elif (m.hidden_size // m.num_attention_heads) % 2:
-            e.add(
-                f"model.hidden_size / model.num_attention_heads = {m.hidden_size // m.num_attention_heads} "
-                "is odd: rotary embeddings need an even head dimension"
-            )
+        elif m.head_size % 2:
+            which = (f"model.head_dim={m.head_dim}" if m.head_dim is not None else
+                     f"model.hidden_size / model.num_attention_heads = {m.head_size}")
+            e.add(f"{which} is odd: rotary embeddings need an even head dimension "
+                  f"(set model.head_dim to an even width, such as {m.head_size + 1})")
+        self._validate_rope_scaling(e)
         if m.num_attention_heads % m.query_groups:
             e.add(
                 f"model.num_query_groups={m.query_groups} does not divide model.num_attention_heads="
@@ -386,6 +411,16 @@ class Config:
             e.add(f"scheduler.warmup_iters={s.warmup_iters} exceeds train.iters={t.iters}: shorten the warmup")
         self._validate_data(e)
         self._validate_layout(e, world_size)
+
+    def _validate_rope_scaling(self, e: "_Errors") -> None:
+        r = self.model.rope_scaling
+        if r.type is None:
+            return
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            e.positive(f"model.rope_scaling.{name}", getattr(r, name))
+        if r.high_freq_factor <= r.low_freq_factor:
+            e.add(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed low_freq_factor="
+                  f"{r.low_freq_factor} (Llama-3.1: 4 and 1): the blend between them divides by their difference")
 
     def _validate_recompute_and_compile(self, e: "_Errors") -> None:
         m = self.model

@@ -51,11 +51,11 @@ def _shape_problems(cfg) -> list[str]:
     the weight gradient of a dense layer (tensorwise, delayed: contracted over the tokens) the tokens of a
     micro-batch on one rank."""
     f, m, p, t = cfg.precision.fp8, cfg.model, cfg.parallel, cfg.train
-    tp, head = p.tensor, m.hidden_size // m.num_attention_heads
+    tp, head = p.tensor, m.head_size
     qkv = (m.num_attention_heads + 2 * m.query_groups) * head
     weights = {  # name: (global [out, in], which dim is split over TP, what to change)
-        "attention.qkv": ((qkv, m.hidden_size), 0, "model.hidden_size / num_attention_heads / num_query_groups"),
-        "attention.out": ((m.hidden_size, m.num_attention_heads * head), 1, "model.hidden_size"),
+        "attention.qkv": ((qkv, m.hidden_size), 0, "model.hidden_size / head_dim / num_query_groups"),
+        "attention.out": ((m.hidden_size, m.num_attention_heads * head), 1, "model.hidden_size / head_dim"),
     }
     if not all(m.moe.is_moe_layer(i) for i in range(m.num_layers)):  # some layer has a dense MLP
         weights["mlp.up (and gate)"] = ((m.ffn_size, m.hidden_size), 0, "model.ffn_hidden_size")

@@ -6,8 +6,8 @@ checkpoint time).
 
 Model FLOPs utilisation (MFU) counts the model's FLOPs, not the hardware's: per token,
 6 x the parameters of every matrix multiply (forward 2, backward 4; with MoE the active
-experts only: top-k of them plus the shared one) + 12 x layers x hidden x sequence for
-attention's two matmuls over the whole sequence (not halved for causality, as in
+experts only: top-k of them plus the shared one) + 12 x layers x heads x head_dim x sequence
+for attention's two matmuls over the whole sequence (not halved for causality, as in
 Megatron-LM and nanoGPT); recomputation is not counted (it is hardware work, not model
 work). Divided by the device's peak dense TFLOP/s for the run's dtype.
 """
@@ -33,7 +33,7 @@ PEAK_TFLOPS = {
 def model_flops_per_token(m, vocab_size: int) -> float:
     """Training FLOPs per token of the model config `m` (see the module docstring)."""
     h, f, layers = m.hidden_size, m.ffn_size, m.num_layers
-    d = h // m.num_attention_heads
+    d = m.head_size
     attention = h * (m.num_attention_heads + 2 * m.query_groups) * d + m.num_attention_heads * d * h
     mlp = (3 if m.activation == "swiglu" else 2) * h
     moe_layers = sum(m.moe.is_moe_layer(i) for i in range(layers)) if m.moe.num_experts else 0
@@ -42,7 +42,7 @@ def model_flops_per_token(m, vocab_size: int) -> float:
         expert = mlp * (m.moe.ffn_hidden_size or f)
         active = m.moe.top_k * expert + mlp * (m.moe.shared_expert_ffn_hidden_size or 0) + h * m.moe.num_experts
     matmuls = layers * attention + (layers - moe_layers) * mlp * f + moe_layers * active + vocab_size * h
-    return 6.0 * matmuls + 12.0 * layers * h * m.seq_length
+    return 6.0 * matmuls + 12.0 * layers * m.num_attention_heads * d * m.seq_length
 
 
 def peak_tflops(device, dtype: str, override: Optional[float]) -> Optional[float]:

@@ -53,6 +53,11 @@ def test_name_and_type_errors(override, message):
         (["optimizer.beta2=1.5"], r"optimizer.beta2=1.5: must be in \[0, 1\)"),
         (["model.hidden_size=100", "model.num_attention_heads=3"], "not divisible by model.num_attention_heads=3"),
         (["model.num_query_groups=3"], "model.num_query_groups=3 does not divide"),
+        (["model.head_dim=7"], "model.head_dim=7 is odd: rotary embeddings need an even head dimension"),
+        (["model.hidden_size=100", "model.num_attention_heads=4", "model.head_dim=0"], "model.head_dim=0: must be"),
+        (["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=1"],
+         "model.rope_scaling.high_freq_factor=1.0 must exceed low_freq_factor=1.0"),
+        (["model.rope_scaling.type=yarn"], "model.rope_scaling.type='yarn': expected one of 'llama3' or null"),
         (["train.global_batch_size=12", "train.micro_batch_size=8"], "use a global batch of 8"),
         (["scheduler.warmup_iters=500"], "exceeds train.iters=300"),
         (["scheduler.min_lr=1.0"], "above optimizer.lr"),
@@ -178,3 +183,11 @@ def test_run_name_names_the_run_folder():
     assert load_config(None, ["run.name=gpas", "run.dir=elsewhere"]).run.dir == "elsewhere"
     with pytest.raises(ConfigError, match="run.name='a/b': name the run with one folder name"):
         load_config(None, ["run.name=a/b"]).validate()
+
+
+def test_head_dim_may_differ_from_hidden_over_heads():
+    """Qwen3-30B-A3B: hidden 2048 and 32 heads of 128 (4096 wide); here 100 wide with 3 heads of 32."""
+    cfg = load_config(None, ["model.hidden_size=100", "model.num_attention_heads=3", "model.num_query_groups=1",
+                             "model.head_dim=32"]).validate()
+    assert cfg.model.head_size == 32 and cfg.resolved(384).model.head_dim == 32
+    assert load_config(None, []).resolved(384).model.head_dim == 64  # null: 256 / 4, written out

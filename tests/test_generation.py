@@ -79,6 +79,16 @@ def test_the_cache_equals_recomputation_on_one_rank(kind):
     assert len(set(map(tuple, out.tokens))) > 1  # the rows really differ
 
 
+def test_the_cache_equals_recomputation_with_qk_norm_head_dim_and_llama3_rope():
+    """Qwen3's q/k norms, a head wider than hidden / heads and Llama-3.1's rescaled frequencies go through the cache
+    as through the whole forward (left-padded rows: each row's positions start at 0)."""
+    sampling, seed = SAMPLINGS["greedy"]
+    model = build(model_config("model.qk_norm=true", "model.head_dim=16", "model.rope_scaling.type=llama3",
+                               "model.rope_scaling.original_max_position_embeddings=8"), Topology.single())
+    out = cached(model, PROMPTS, sampling, seed)
+    assert_same(out, *recomputed(model, PROMPTS, sampling, seed))
+
+
 def test_stop_ids_end_a_row_and_are_kept():
     model = build(model_config(), Topology.single())
     free = cached(model, PROMPTS, Sampling(max_new_tokens=12, temperature=0.0), None)

@@ -69,3 +69,11 @@ def test_tensor_parallel_with_sequence_parallelism_keeps_the_gathered_inputs(dty
     overrides = BASE + ["parallel.tensor=2", "parallel.sequence_parallel=true", f"precision.dtype={dtype}"]
     for measured in run_ranks(2, _measure_rank, overrides):
         check(overrides, measured, tp=2, sequence_parallel=True)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_qk_norms_and_a_wider_head_are_counted(dtype):
+    """Qwen3's q/k norms (their inputs and outputs in fp32, and rstd) and head_dim 64 on hidden 128 with 4 heads
+    (queries twice the hidden width). Measured: within 3%."""
+    overrides = BASE + ["model.qk_norm=true", "model.head_dim=64", f"precision.dtype={dtype}"]
+    check(overrides, measure_config(None, overrides))

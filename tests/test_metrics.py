@@ -31,11 +31,12 @@ def matmul_parameters(cfg) -> float:
     ["model.tie_embeddings=true", "model.activation=gelu"],
     ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ffn_hidden_size=48",
      "model.moe.shared_expert_ffn_hidden_size=32", "model.moe.layer_freq=[0,1,1]"],
+    ["model.head_dim=32", "model.qk_norm=true"],  # queries 4 x 32 = 128 wide on hidden 64
 ])
 def test_flops_per_token_are_6_matmul_parameters_plus_attention(overrides):
     cfg = load_config(None, ["model.num_layers=3", "model.hidden_size=64", "model.num_attention_heads=4",
                              "model.num_query_groups=2", "model.seq_length=32", *overrides]).model
-    expected = 6 * matmul_parameters(cfg) + 12 * 3 * 64 * 32
+    expected = 6 * matmul_parameters(cfg) + 12 * 3 * (4 * cfg.head_size) * 32
     assert model_flops_per_token(cfg, VOCAB) == pytest.approx(expected, rel=1e-12)
 
 

@@ -128,7 +128,16 @@ LAYOUTS = {
         "parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true", "optimizer.distributed=true",
         "parallel.grad_bucket_mb=0.005"]),
 }
-MODELS = {"": (), "tied+gpas+gelu": ("model.tie_embeddings=true", "model.gpas.enabled=true", "model.activation=gelu")}
+MODELS = {"": (), "tied+gpas+gelu": ("model.tie_embeddings=true", "model.gpas.enabled=true", "model.activation=gelu"),
+          # Qwen3's q/k norms: each TP rank normalises its own heads, so their gradients are partial sums over TP
+          "qk_norm+head_dim+llama3 rope": ("model.qk_norm=true", "model.head_dim=16", "model.rope_scaling.type=llama3",
+                                           "model.rope_scaling.original_max_position_embeddings=16")}
+# the layouts each model variant runs on: those that exercise its replicated, tied or partial weights
+VARIANT_LAYOUTS = {
+    "tied+gpas+gelu": ("TP2+SP", "TP2xCP2xDP2 SP", "PP2", "PP2 interleaved, 2 chunks", "PP2xTP2xDP2 SP",
+                       "PP2xDP2 distributed optimizer"),
+    "qk_norm+head_dim+llama3 rope": ("TP2", "TP2+SP"),  # the sum over TP of a sharded optimizer: the SP norms
+}
 
 # MoE: 8 experts, top-2, dropless; attention and experts laid out differently over the same ranks
 MOE = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ffn_hidden_size=64")
@@ -181,9 +190,8 @@ def test_moe_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, m
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_rank(tmp_path, tiny_corpus, reference, layout, model):
-    if model and layout not in ("TP2+SP", "TP2xCP2xDP2 SP", "PP2", "PP2 interleaved, 2 chunks", "PP2xTP2xDP2 SP",
-                                "PP2xDP2 distributed optimizer"):
-        pytest.skip("the model variants run on the layouts that exercise every replicated or tied weight")
+    if model and layout not in VARIANT_LAYOUTS[model]:
+        pytest.skip("the model variants run on the layouts that exercise every replicated, tied or partial weight")
     if not model and layout == "PP2xDP2 distributed optimizer":
         pytest.skip("this layout is for the tied embedding; PP2xCP2xDP2 runs the distributed optimizer untied")
     world, overrides = LAYOUTS[layout]

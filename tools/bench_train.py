@@ -180,7 +180,7 @@ def baseline_problem(cfg, world_size: int) -> Optional[str]:
     m = cfg.model
     reasons = [name for name, differs in (
         ("MoE", m.moe.num_experts is not None), ("GELU", m.activation != "swiglu"),
-        ("LayerNorm", m.norm != "rmsnorm"), ("GPAS", m.gpas.enabled),
+        ("LayerNorm", m.norm != "rmsnorm"), ("GPAS", m.gpas.enabled), ("query/key norms", m.qk_norm),
         (f"model.recompute={m.recompute}", m.recompute != "none"),
         (f"{world_size} ranks: the baseline runs on one device", world_size > 1),
     ) if differs]
@@ -191,10 +191,15 @@ def llama_config(m, vocab_size: int):
     """The `transformers.LlamaConfig` of foldtron's model config `m` (resolved) with its padded vocabulary."""
     from transformers import LlamaConfig
 
+    r = m.rope_scaling
+    scaling = None if r.type is None else {
+        "rope_type": r.type, "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+        "high_freq_factor": r.high_freq_factor, "original_max_position_embeddings": r.original_max_position_embeddings}
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.query_groups, hidden_act="silu",
-        max_position_embeddings=m.seq_length, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.query_groups, head_dim=m.head_size,
+        hidden_act="silu", max_position_embeddings=max(m.seq_length, m.max_position_embeddings or 0),
+        rope_theta=m.rope_theta, rope_scaling=scaling, rms_norm_eps=m.norm_eps,
         tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, initializer_range=m.init_std,
         use_cache=False, attn_implementation="sdpa",
     )

@@ -12,6 +12,7 @@ sequence and `positions` says where they are; attention then sees the whole sequ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -27,7 +28,7 @@ from parallel.tensor_parallel import (
     vocab_parallel_linear_cross_entropy,
 )
 from parallel.topology import Topology
-from pretrain.config import ModelConfig, ceil_to
+from pretrain.config import ModelConfig, RopeScalingConfig, ceil_to
 from pretrain.model import recompute
 from pretrain.model.features import ModelFeature
 from pretrain.model.gpas import GPASFeature, GPASGate
@@ -61,12 +62,29 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                   scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape [batch, 1, seq, head_dim] for the given (global) positions."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    if scaling is not None and scaling.type is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = positions.float()[..., None] * inv_freq  # [b, s, d/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, r: RopeScalingConfig) -> torch.Tensor:
+    """Llama-3.1's rescaled frequencies, as transformers' `_compute_llama3_parameters` computes them (fp32): a
+    wavelength above original / low_freq_factor is stretched by `factor`, one below original / high_freq_factor
+    kept, and those between blended linearly in original / wavelength."""
+    old = r.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / r.low_freq_factor, old / r.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq)
+    smooth = (old / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,18 +93,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class HeadNorm(nn.Module):
+    """RMSNorm over head_dim, one weight [head_dim] shared by every head (Qwen3's q_norm and k_norm). Each
+    tensor-parallel rank normalises only its own heads, so the weight's gradient on a rank is a partial sum over TP
+    (with or without sequence parallelism): its placement says so, and the reducer sums it over TP as it sums the
+    norms under sequence parallelism."""
+
+    def __init__(self, cfg: ModelConfig, topology: Topology):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.weight = replicated(nn.Parameter(torch.ones(cfg.head_size)), sequence_parallel=topology.tp > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in fp32 (the fp32 weight; under autocast x comes bf16 from the matmul), as transformers computes it
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     """`number`: the global number of its layer, which names its keys and values in a generation cache."""
 
     def __init__(self, cfg: ModelConfig, topology: Topology, number: int = 0):
         super().__init__()
         self.number = str(number)
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = cfg.head_size
         self.local_groups = cfg.query_groups // topology.tp
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
         qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * self.head_dim
         self.cp_group = topology.cp_group
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, topology)
+        self.q_norm = HeadNorm(cfg, topology) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg, topology) if cfg.qk_norm else None
         self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, topology)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -98,9 +134,11 @@ class Attention(nn.Module):
         b = cache.rows if cache is not None else shape[0]
         s = shape[0] * shape[1] // b
         qkv = qkv.view(b, s, self.local_groups, self.heads_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.heads_per_group].reshape(b, s, -1, self.head_dim).transpose(1, 2)
-        k = qkv[:, :, :, -2].transpose(1, 2)
-        v = qkv[:, :, :, -1].transpose(1, 2)
+        q = qkv[:, :, :, : self.heads_per_group].reshape(b, s, -1, self.head_dim)  # [b, s, local heads, d]
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, local groups, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             y = cache.attend(self.number, q, k, v, enable_gqa=self.heads_per_group > 1)
@@ -170,7 +208,7 @@ class GPT(nn.Module):
         if stage is None and topology.pp > 1:
             raise ValueError("a model on a pipeline of several stages needs its stage (parallel.pipeline.Stage.of)")
         self.stage = stage = stage or Stage.whole(cfg.num_layers, tie_embeddings=cfg.tie_embeddings)
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = cfg.head_size
         self.embedding = (VocabParallelEmbedding(vocab_size, cfg.hidden_size, topology)
                           if stage.holds_embedding else None)
         numbers = [i for layers in stage.chunks for i in layers]
@@ -206,7 +244,7 @@ class GPT(nn.Module):
         chunks of each sequence); by default 0..seq-1 (first stage only)."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         if self.stage.starts_model(chunk):
             x = self.embedding(x)
         for i in self.stage.chunks[chunk]:
@@ -234,7 +272,7 @@ class GPT(nn.Module):
             raise ValueError("generation runs without pipeline or context parallelism")
         rows, new = ids.shape
         positions = cache.positions(new)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         x = self.embedding(ids.reshape(1, rows * new))
         for i in self.stage.chunks[0]:
             x = self.layers[str(i)]._forward(x, cos, sin, positions, cache)
@@ -294,6 +332,8 @@ def model_signature(m: ModelConfig) -> dict:
     return {
         "vocab_size": m.vocab_size, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
         "num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
+        "head_dim": m.head_size, "qk_norm": m.qk_norm,
+        "rope_scaling": dataclasses.asdict(m.rope_scaling) if m.rope_scaling.type is not None else None,
         "ffn_hidden_size": m.ffn_size, "activation": m.activation, "norm": m.norm,
         "tie_embeddings": m.tie_embeddings, "gpas": m.gpas.enabled,
         "moe": None if m.moe.num_experts is None else {
