@@ -109,7 +109,7 @@ class GradReducer:
                 handle.wait()
         self.handles = {bucket: None for bucket in self.handles}
         if group_size(self.topology.tp_group) > 1:
-            views = [v for _, v in self.owned(lambda p: placement_of(p).sequence_parallel)]
+            views = [v for _, v in self.owned(lambda p: placement_of(p).partial_over_tp)]
             if views:
                 flat = torch.cat([v.flatten() for v in views])
                 dist.all_reduce(flat, group=self.topology.tp_group)

@@ -8,7 +8,7 @@ parameter that has none instead of falling back to a default. Its readers:
 - initialisation draws the global tensor and keeps `local_slices()` of it (same seed, same model,
   whatever the layout);
 - gradient buckets keep dense and expert weights apart (`data_group`) and do not span pipeline chunks;
-- the reducer sums `sequence_parallel` gradients over TP and the `tied` copies over the embedding group;
+- the reducer sums `partial_over_tp` gradients over TP and the `tied` copies over the embedding group;
 - the gradient norm counts each element once (see `parallel/grad_norm.py`);
 - checkpoints keep expert weights apart (`expert`), and `launch --dry-run` counts tensor-parallel and
   replicated weights (`split_over_tensor_group`);
@@ -56,8 +56,9 @@ class Placement:
     tensor_group: the tensor-parallel group of the weight ("tp"; "etp" for experts). A weight that is
         not split over it is replicated on it.
     data_group: the replicas whose gradients are averaged ("dp-cp"; "edp" for experts).
-    sequence_parallel: the weight sees only this rank's sequence shard; its gradient is a partial sum
-        over TP.
+    partial_over_tp: a replicated weight that sees only this rank's part of the work (its sequence shard
+        under sequence parallelism; its own heads, for the per-head q/k norms), so its gradient is a partial
+        sum over TP.
     tied: one of the two copies of the tied embedding table (first and last pipeline stage).
     chunk: the pipeline chunk (virtual stage of this rank) whose backward pass produces the gradient.
     """
@@ -67,7 +68,7 @@ class Placement:
     _: KW_ONLY
     tensor_group: str = "tp"
     data_group: str = "dp-cp"
-    sequence_parallel: bool = False
+    partial_over_tp: bool = False
     tied: bool = False
     chunk: int = 0
 
@@ -132,9 +133,9 @@ def place(param: torch.nn.Parameter, placement: Placement) -> torch.nn.Parameter
     return param
 
 
-def replicated(param: torch.nn.Parameter, *, sequence_parallel: bool = False) -> torch.nn.Parameter:
+def replicated(param: torch.nn.Parameter, *, partial_over_tp: bool = False) -> torch.nn.Parameter:
     """A weight every rank of the stage holds whole (norms, GPAS gates, the router)."""
-    return place(param, Placement(tuple(param.shape), sequence_parallel=sequence_parallel))
+    return place(param, Placement(tuple(param.shape), partial_over_tp=partial_over_tp))
 
 
 def placement_of(param: torch.nn.Parameter) -> Placement:

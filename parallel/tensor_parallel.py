@@ -6,7 +6,7 @@ row-parallel layer sums its partial outputs. With sequence parallelism, activati
 between layers are split along the sequence instead: a column-parallel layer all-gathers
 its input along the sequence, a row-parallel layer reduce-scatters its output, and the
 norms in between run on sequence shards (their weight gradients are then partial sums,
-added over TP by the gradient synchronisation: their placement says `sequence_parallel`). Whether
+added over TP by the gradient synchronisation: their placement says `partial_over_tp`). Whether
 sequence parallelism is on is the topology's to say (`topology.sequence_parallel`).
 
 A layer's GEMM runs `F.linear`, or in FP8 through the object in its `fp8` attribute (parallel/fp8.py, or the

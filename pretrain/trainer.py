@@ -170,8 +170,12 @@ class Trainer:
 
         # weights only, into a fresh run (a run that resumes its own checkpoint continues from that instead)
         self.init_from = None
+        # where an imported model came from (tools/convert_checkpoint.py): kept in every checkpoint after it, so
+        # that an export restores its exact vocabulary and config
+        self.hf_origin = meta.get("hf")
         if cfg.checkpoint.init_from and not self.resume_from:
             self.init_from = checkpoint.resolve_init(cfg.checkpoint.init_from)
+            self.hf_origin = checkpoint.read_meta(self.init_from).get("hf")
             checkpoint.check_model(f"checkpoint.init_from={self.init_from}:", checkpoint.read_meta(self.init_from),
                                    model_signature=model_signature(cfg.model),
                                    fix="configure the model it holds (its config.yaml beside the checkpoints "
@@ -446,6 +450,7 @@ class Trainer:
             "rlp_teacher": self.rlp is not None,
             "loss_window": self.metrics.window_losses,  # so a resumed run logs the same window means
             "config": self.cfg.to_dict(),
+            **({"hf": self.hf_origin} if self.hf_origin else {}),
         }
         self.finish_save()  # one save in flight at a time
         saved = checkpoint.save(
@@ -478,7 +483,9 @@ class Trainer:
         m, t = self.cfg.model, self.cfg.train
         lines = [
             f"model: {self.model.num_parameters():,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
-            f"{m.num_attention_heads} heads / {m.query_groups} query groups, vocab {self.vocab_size})",
+            f"{m.num_attention_heads} heads / {m.query_groups} query groups"
+            + (f" of {m.head_size}" if m.head_size * m.num_attention_heads != m.hidden_size else "")
+            + (", q/k norms" if m.qk_norm else "") + f", vocab {self.vocab_size})",
             f"data: {len(self.plan.sources)} source(s) in {len(self.plan.schedule.phase_names)} phase(s), "
             f"{len(self.data.validation)} validation set(s); samples of {m.seq_length + 1} tokens\n"
             + _indent(self.plan.report()),

@@ -394,11 +394,6 @@ def test_the_import_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- with the trainer's own checkpoints
 
-layout_free = pytest.mark.skipif(
-    not hasattr(__import__("pretrain.checkpoint").checkpoint, "seal"),
-    reason="needs the layout-free checkpoint format (issue 14 part 1: pretrain/checkpoint.py on main)")
-
-
 def trainer_overrides(tmp_path) -> list[str]:
     return [f"run.dir={tmp_path / 'run'}", "data.synthetic=true", "model.seq_length=16", "train.iters=2",
             "train.global_batch_size=2", "train.micro_batch_size=1", "scheduler.warmup_iters=1", "eval.interval=0",
@@ -418,7 +413,6 @@ def _trainer_logits(rank: int, world: int, cfg) -> torch.Tensor:
         trainer.metrics.close()
 
 
-@layout_free
 @pytest.mark.parametrize("arch, layout", [("llama", "parallel.tensor=2"), ("mixtral", "parallel.expert=2")])
 def test_training_starts_from_an_import_with_transformers_logits(hf_folders, tmp_path, arch, layout):
     """checkpoint.init_from (OUT/config.yaml says it): the trainer's model is transformers' on one rank, and on
@@ -437,13 +431,28 @@ def test_training_starts_from_an_import_with_transformers_logits(hf_folders, tmp
             torch.testing.assert_close(logits, hf_folders[arch][1], rtol=1e-5, atol=1e-5)
 
 
+def test_a_run_from_an_import_keeps_its_origin_for_export(hf_folders, tmp_path):
+    """The import's record (the HF vocabulary size, dtype, config.json) goes into the checkpoints of a run
+    started from it, so that their export restores the HF vocabulary, not the tokenizer's."""
+    import shutil
+
+    source = str(tmp_path / "source")
+    shutil.copytree(hf_folders["llama"][0], source)
+    write_tokenizer(source, VOCAB)
+    cc.import_hf(source, str(tmp_path / "out"))
+    cfg = load_config(str(tmp_path / "out" / "config.yaml"), trainer_overrides(tmp_path / "run"))
+    _train(0, 1, cfg)
+    imported = cc.checkpoint.read_meta(str(tmp_path / "out" / cc.FIRST))["hf"]
+    trained = cc.checkpoint.read_meta(cc.checkpoint.resolve_init(cfg.checkpoint_dir))
+    assert trained["step"] == 2 and trained["hf"] == imported
+
+
 def _train(rank: int, world: int, cfg) -> None:
     from pretrain.trainer import train
 
     train(cfg, world, rank)
 
 
-@layout_free
 def test_a_checkpoint_the_trainer_wrote_on_tp2_exports(tmp_path, tiny_corpus):
     """A Qwen3-style run trained on TP2 with sequence parallelism, exported from its own checkpoint: transformers
     computes what the checkpoint's weights compute."""

@@ -153,7 +153,7 @@ def count_collectives(rank, world, cfg):
         trainer.train_step()
     finally:
         dist.all_reduce, coll._all_gather_single, coll._reduce_scatter_single = originals
-    sequence_parallel = sum(v.numel() for _, v in trainer.grads.owned(lambda p: placement_of(p).sequence_parallel))
+    sequence_parallel = sum(v.numel() for _, v in trainer.grads.owned(lambda p: placement_of(p).partial_over_tp))
     return moved, trainer.grads.grad.numel(), sequence_parallel
 
 

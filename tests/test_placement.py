@@ -80,9 +80,9 @@ def test_each_kind_of_parameter_says_where_it_lives(every_rank):
     embedding = placements["embedding.weight"]  # vocabulary rows; a tied copy on the first stage
     assert embedding.local_slices() == (slice(64, 128), slice(0, 32)) and embedding.tied
     norm = placements["layers.0.attn_norm.weight"]  # replicated, sees only this rank's tokens under SP
-    assert norm.splits == () and norm.sequence_parallel and not norm.split_over_tensor_group
-    assert placements["layers.0.gpas.gate"].sequence_parallel
-    assert placements["layers.2.mlp.router.weight"].sequence_parallel
+    assert norm.splits == () and norm.partial_over_tp and not norm.split_over_tensor_group
+    assert placements["layers.0.gpas.gate"].partial_over_tp
+    assert placements["layers.2.mlp.router.weight"].partial_over_tp
     shared = placements["layers.2.mlp.shared.up.weight"]  # the shared expert is a dense MLP on the TP group
     assert shared.data_group == "dp-cp" and shared.local_slices() == (slice(8, 16), slice(0, 32))
     up = placements["layers.2.mlp.experts.up"]  # expert stack: experts over EP, each MLP's columns over ETP

@@ -90,7 +90,7 @@ def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus,
     good = checkpoint.resolve("auto", cfg.checkpoint_dir)
     before = sorted(os.listdir(good))
 
-    def crash(state_dict, checkpoint_id):
+    def crash(state_dict, checkpoint_id, **kwargs):
         os.makedirs(checkpoint_id, exist_ok=True)
         with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:
             f.write(b"half a shard")

@@ -28,7 +28,7 @@ class GPASGate(nn.Module):
 
     def __init__(self, *, sequence_parallel: bool):
         super().__init__()
-        self.gate = replicated(nn.Parameter(torch.zeros(())), sequence_parallel=sequence_parallel)
+        self.gate = replicated(nn.Parameter(torch.zeros(())), partial_over_tp=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x - F.silu(self.gate).to(x.dtype) * x.detach()

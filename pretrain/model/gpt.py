@@ -49,8 +49,8 @@ class Norm(nn.Module):
         super().__init__()
         self.kind, self.eps, size = cfg.norm, cfg.norm_eps, cfg.hidden_size
         sp = topology.sequence_parallel
-        self.weight = replicated(nn.Parameter(torch.ones(size)), sequence_parallel=sp)
-        self.bias = replicated(nn.Parameter(torch.zeros(size)), sequence_parallel=sp) if self.kind == "layernorm" \
+        self.weight = replicated(nn.Parameter(torch.ones(size)), partial_over_tp=sp)
+        self.bias = replicated(nn.Parameter(torch.zeros(size)), partial_over_tp=sp) if self.kind == "layernorm" \
             else None
         self.apex_norm = apex_backend.norm_function(self.kind) if cfg.norm_impl == "apex" else None
 
@@ -102,7 +102,7 @@ class HeadNorm(nn.Module):
     def __init__(self, cfg: ModelConfig, topology: Topology):
         super().__init__()
         self.eps = cfg.norm_eps
-        self.weight = replicated(nn.Parameter(torch.ones(cfg.head_size)), sequence_parallel=topology.tp > 1)
+        self.weight = replicated(nn.Parameter(torch.ones(cfg.head_size)), partial_over_tp=topology.tp > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in fp32 (the fp32 weight; under autocast x comes bf16 from the matmul), as transformers computes it

@@ -62,7 +62,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         # replicated on the stage's ranks; under SP it sees only this rank's tokens
         self.weight = replicated(nn.Parameter(torch.empty(cfg.num_experts, hidden_size)),
-                                 sequence_parallel=topology.sequence_parallel)
+                                 partial_over_tp=topology.sequence_parallel)
         self.sequence_group = topology.groups["tp-cp"]  # the shards of one micro-batch's sequences
         self.global_group = topology.groups["tp-dp-cp"]
         self.use_bias = cfg.router.expert_bias_update_rate > 0
