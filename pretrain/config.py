@@ -14,13 +14,16 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 import yaml
 
 from data.blend import PhaseConfig, ScheduleError, SourceConfig, phase_boundaries
+from pretrain.config_checks import Problems
 from pretrain.config_fp8 import config_problems as fp8_problems
+from pretrain.config_moe import MoEConfig
+from pretrain.config_moe import config_problems as moe_problems
 from pretrain.config_rlp import RLPConfig
 from pretrain.config_rlp import config_problems as rlp_problems
 from parallel.errors import FoldtronError
@@ -57,41 +60,6 @@ class RunConfig:
 class GPASConfig:
     enabled: bool = False
     gate_grad_clip: Optional[float] = None  # separate gradient-norm clip for the gates (the paper: 0.01)
-
-
-@dataclass
-class RouterConfig:
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    pre_softmax: bool = False  # softmax over all experts before the top-k (else: top-k logits, then softmax)
-    num_groups: Optional[int] = None  # group-limited routing: experts in groups, tokens pick group_top_k groups
-    group_top_k: Optional[int] = None
-    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
-    aux_loss_coeff: float = 1e-2
-    z_loss_coeff: float = 0.0  # 0: no router z-loss
-    expert_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by an expert bias (sigmoid scores)
-
-
-@dataclass
-class MoEConfig:
-    num_experts: Optional[int] = None  # null: a dense model
-    top_k: int = 2
-    ffn_hidden_size: Optional[int] = None  # each expert's MLP width; null: model.ffn_hidden_size
-    layer_freq: Union[int, list[int]] = 1  # k: layers 0, k, 2k, ... are MoE; a list: one 0/1 per layer
-    shared_expert_ffn_hidden_size: Optional[int] = None  # a dense MLP every token goes through; null: none
-    router: RouterConfig = field(default_factory=RouterConfig)
-    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    capacity_factor: Optional[float] = None  # null: dropless
-    # over capacity, keep the highest probabilities or the first tokens
-    drop_policy: Literal["probs", "position"] = "probs"
-    pad_to_capacity: bool = False  # every expert gets exactly its capacity (fixed shapes)
-    experts: Literal["auto", "grouped", "loop"] = "auto"  # auto: a grouped matmul where torch has one, else a loop
-
-    def is_moe_layer(self, layer: int) -> bool:
-        if self.num_experts is None:
-            return False
-        if isinstance(self.layer_freq, list):
-            return bool(self.layer_freq[layer])
-        return layer % self.layer_freq == 0
 
 
 @dataclass
@@ -319,14 +287,15 @@ class Config:
 
     def validate(self, world_size: int = 1) -> "Config":
         """Check values and their consistency for `world_size` ranks; raise one ConfigError listing all problems."""
-        errors = _Errors()
+        errors = Problems()
         self._validate_ranges(errors)
         if not errors:
             self._validate_consistency(errors, world_size)
-        errors.raise_if_any()
+        if errors:
+            raise ConfigError("; ".join(errors.lines))
         return self
 
-    def _validate_ranges(self, e: "_Errors") -> None:
+    def _validate_ranges(self, e: Problems) -> None:
         m, t, s = self.model, self.train, self.scheduler
         if not self.run.name or os.sep in self.run.name or self.run.name in (".", ".."):
             e.add(f"run.name={self.run.name!r}: name the run with one folder name (it names runs/<run.name>); "
@@ -378,7 +347,7 @@ class Config:
         e.positive("eval.iters", self.eval.iters)
         e.positive("logging.interval", self.logging.interval)
 
-    def _validate_consistency(self, e: "_Errors", world_size: int) -> None:
+    def _validate_consistency(self, e: Problems, world_size: int) -> None:
         m, t, s = self.model, self.train, self.scheduler
         if m.head_dim is None and m.hidden_size % m.num_attention_heads:
             e.add(
@@ -400,7 +369,7 @@ class Config:
             e.add("model.gpas.gate_grad_clip is set but model.gpas.enabled=false: enable GPAS or remove the clip")
         if t.stop_at_step is not None and t.stop_at_step > t.iters:
             e.add(f"train.stop_at_step={t.stop_at_step} is beyond train.iters={t.iters}: the run ends at train.iters")
-        self._validate_moe(e)
+        moe_problems(self, e)
         self._validate_recompute_and_compile(e)
         self._validate_kernels(e)
         for line in fp8_problems(self) + rlp_problems(self):
@@ -412,7 +381,7 @@ class Config:
         self._validate_data(e)
         self._validate_layout(e, world_size)
 
-    def _validate_rope_scaling(self, e: "_Errors") -> None:
+    def _validate_rope_scaling(self, e: Problems) -> None:
         r = self.model.rope_scaling
         if r.type is None:
             return
@@ -422,7 +391,7 @@ class Config:
             e.add(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed low_freq_factor="
                   f"{r.low_freq_factor} (Llama-3.1: 4 and 1): the blend between them divides by their difference")
 
-    def _validate_recompute_and_compile(self, e: "_Errors") -> None:
+    def _validate_recompute_and_compile(self, e: Problems) -> None:
         m = self.model
         if m.recompute_layers is not None:
             e.positive("model.recompute_layers", m.recompute_layers)
@@ -441,7 +410,7 @@ class Config:
             if problem:
                 e.add(f"train.compile=true: {problem}; or set train.compile=false")
 
-    def _validate_kernels(self, e: "_Errors") -> None:
+    def _validate_kernels(self, e: Problems) -> None:
         """Only what holds on any machine: whether apex can run on this one is the trainer's check, on the device
         it got (`choose_kernels` in pretrain/trainer.py), so that `launch --dry-run` can plan a GPU run anywhere."""
         o = self.optimizer
@@ -449,78 +418,12 @@ class Config:
             e.add(f"optimizer.fused={str(o.fused).lower()} is an option of torch's AdamW and optimizer.impl=apex "
                   "runs apex's FusedAdam (always fused): remove optimizer.fused, or set optimizer.impl=torch")
 
-    def _validate_moe(self, e: "_Errors") -> None:
-        m, p = self.model, self.parallel
-        moe, router = m.moe, m.moe.router
-        if moe.num_experts is None:
-            if p.expert > 1 or (p.expert_tensor or p.tensor) != p.tensor:
-                e.add("parallel.expert / parallel.expert_tensor lay out mixture-of-experts layers: set "
-                      "model.moe.num_experts, or use expert=1 and no expert_tensor")
-            return
-        E = moe.num_experts
-        e.positive("model.moe.num_experts", E)
-        e.positive("model.moe.top_k", moe.top_k)
-        if E < 1 or moe.top_k < 1:
-            return
-        if moe.top_k > E:
-            e.add(f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={E}")
-        if moe.top_k == 1 and router.score == "softmax" and not router.pre_softmax:
-            e.add("model.moe.top_k=1 with router.score=softmax after the top-k gives every token probability 1 (no "
-                  "gradient reaches the router): set model.moe.router.pre_softmax=true or use top_k >= 2")
-        if E % p.expert:
-            e.add(f"model.moe.num_experts={E} is not divisible by parallel.expert={p.expert}: each expert-parallel "
-                  "rank holds an equal number of experts")
-        for name in ("ffn_hidden_size", "shared_expert_ffn_hidden_size", "capacity_factor"):
-            if getattr(moe, name) is not None:
-                e.positive(f"model.moe.{name}", getattr(moe, name))
-        etp = p.expert_tensor or p.tensor
-        if (moe.ffn_hidden_size or m.ffn_size) % etp:
-            e.add(f"model.moe.ffn_hidden_size={moe.ffn_hidden_size or m.ffn_size} is not divisible by "
-                  f"parallel.expert_tensor={etp}")
-        if moe.shared_expert_ffn_hidden_size and moe.shared_expert_ffn_hidden_size % p.tensor:
-            e.add(f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} is not divisible by "
-                  f"parallel.tensor={p.tensor}")
-        if isinstance(moe.layer_freq, list):
-            if len(moe.layer_freq) != m.num_layers or set(moe.layer_freq) - {0, 1}:
-                e.add(f"model.moe.layer_freq={moe.layer_freq}: a list needs one 0 (dense) or 1 (MoE) per layer, "
-                      f"{m.num_layers} in all")
-            elif not any(moe.layer_freq):
-                e.add("model.moe.layer_freq has no 1: no layer would be MoE; remove model.moe.num_experts instead")
-        else:
-            e.positive("model.moe.layer_freq", moe.layer_freq)
-        if p.tensor > 1 and not p.sequence_parallel:
-            e.add(f"model.moe with parallel.tensor={p.tensor} needs parallel.sequence_parallel=true: without it the "
-                  "tensor-parallel ranks would route the same tokens twice")
-        if moe.pad_to_capacity and moe.capacity_factor is None:
-            e.add("model.moe.pad_to_capacity needs model.moe.capacity_factor (padding is to the capacity)")
-        groups, group_top_k = router.num_groups, router.group_top_k
-        if (groups is None) != (group_top_k is None):
-            e.add("model.moe.router.num_groups and group_top_k go together: set both or neither")
-        elif groups is not None:
-            e.positive("model.moe.router.num_groups", groups)
-            e.positive("model.moe.router.group_top_k", group_top_k)
-            if groups > 0 and group_top_k > 0 and (E % groups or group_top_k > groups or moe.top_k % group_top_k):
-                e.add(f"model.moe.router.num_groups={groups}, group_top_k={group_top_k}: num_groups must divide "
-                      f"num_experts={E}, group_top_k must be at most num_groups and divide top_k={moe.top_k}")
-            elif groups > 0 and group_top_k > 0 and moe.top_k // group_top_k > E // groups:
-                e.add(f"model.moe.router.group_top_k={group_top_k}: each of the chosen groups must supply top_k / "
-                      f"group_top_k = {moe.top_k // group_top_k} experts but holds only num_experts / num_groups = "
-                      f"{E // groups}: raise group_top_k or lower num_groups")
-        e.non_negative("model.moe.router.aux_loss_coeff", router.aux_loss_coeff)
-        e.non_negative("model.moe.router.z_loss_coeff", router.z_loss_coeff)
-        e.non_negative("model.moe.router.expert_bias_update_rate", router.expert_bias_update_rate)
-        if moe.experts == "grouped" and not hasattr(torch.nn.functional, "grouped_mm"):
-            e.add(f"model.moe.experts=grouped: torch {torch.__version__} has no grouped matmul; use auto or loop")
-        if router.expert_bias_update_rate > 0 and router.score != "sigmoid":
-            e.add("model.moe.router.expert_bias_update_rate needs router.score=sigmoid (an expert bias shifts which "
-                  "experts a sigmoid router picks; with softmax it is not defined)")
-
     def sizes(self, world_size: int) -> Sizes:
         p = self.parallel
         return Sizes(world=world_size, tp=p.tensor, cp=p.context, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor,
                      order=p.order, sp=p.sequence_parallel)
 
-    def _validate_layout(self, e: "_Errors", world_size: int) -> None:
+    def _validate_layout(self, e: Problems, world_size: int) -> None:
         """The layout against the world size and the model: every rule names its fields."""
         m, t, p = self.model, self.train, self.parallel
         sizes = self.sizes(world_size)
@@ -579,7 +482,7 @@ class Config:
                 f"of one per stage; use a global batch of {(micro // p.pipeline + 1) * p.pipeline * per_step}"
             )
 
-    def _validate_data(self, e: "_Errors") -> None:
+    def _validate_data(self, e: Problems) -> None:
         d = self.data
         try:
             parse_split(d.split)
@@ -630,7 +533,7 @@ class Config:
                 e.add(str(err))
 
 
-def _check_weights(e: "_Errors", name: str, weights: list[float]) -> None:
+def _check_weights(e: Problems, name: str, weights: list[float]) -> None:
     if any(not (w >= 0 and math.isfinite(w)) for w in weights):
         e.add(f"{name}: weights must be zero or positive, got {weights}")
     elif not weights or sum(weights) == 0:
@@ -660,26 +563,3 @@ def parse_split(split: str) -> tuple[float, float]:
         raise ValueError("weights must be non-negative and the train weight positive")
     total = sum(weights)
     return weights[0] / total, weights[1] / total
-
-
-class _Errors:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __bool__(self) -> bool:
-        return bool(self.lines)
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-
-    def positive(self, name: str, value: float) -> None:
-        if not (value > 0 and math.isfinite(value)):
-            self.add(f"{name}={value}: must be a positive number")
-
-    def non_negative(self, name: str, value: float) -> None:
-        if not (value >= 0 and math.isfinite(value)):
-            self.add(f"{name}={value}: must be zero or a positive number")
-
-    def raise_if_any(self) -> None:
-        if self.lines:
-            raise ConfigError("; ".join(self.lines))

@@ -15,7 +15,8 @@ from launch.estimate import (
     activation_bytes, count_parameters, human_bytes, parameters_per_tp_rank, routed_pairs, state_bytes,
 )
 from parallel.topology import Topology
-from pretrain.config import ModelConfig, MoEConfig
+from pretrain.config import ModelConfig
+from pretrain.config_moe import MoEConfig
 from pretrain.config_loading import load_config
 from pretrain.model import GPT
 

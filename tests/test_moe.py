@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from parallel.topology import Topology
-from pretrain.config import ModelConfig, MoEConfig, RouterConfig
+from pretrain.config import ModelConfig
+from pretrain.config_moe import MoEConfig, RouterConfig
 from pretrain.model.moe import Experts
 from pretrain.model.router import Router, expert_capacity
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from parallel.collectives import group_size
 from parallel.placement import replicated
 from parallel.topology import Topology
-from pretrain.config import MoEConfig
+from pretrain.config_moe import MoEConfig
 
 
 class AuxLossScaler(torch.autograd.Function):
