@@ -10,11 +10,10 @@ parameter that has none instead of falling back to a default. Its readers:
 - gradient buckets keep dense and expert weights apart (`data_group`) and do not span pipeline chunks;
 - the reducer sums `partial_over_tp` gradients over TP and the `tied` copies over the embedding group;
 - the gradient norm counts each element once (see `parallel/grad_norm.py`);
-- checkpoints keep expert weights apart (`expert`), and `launch --dry-run` counts tensor-parallel and
-  replicated weights (`split_over_tensor_group`);
+- `launch --dry-run` counts tensor-parallel and replicated weights (`split_over_tensor_group`);
 - `local_slices()` and `describe()` say which rows of which dim of the global tensor a rank holds
-  ("rows a..b of dim d of a tensor of global shape S"), expert stacks included: what a checkpoint that
-  moves between layouts keys on. A weight split over a group of one rank keeps its split (of size 1):
+  ("rows a..b of dim d of a tensor of global shape S"), expert stacks included: the boxes a checkpoint
+  saves and loads (pretrain/checkpoint_state.py). A weight split over a group of one rank keeps its split (of size 1):
   it is still a tensor-parallel weight, whole on that rank.
 
 Group names are the `Topology`'s ("tp", "etp", "ep", "dp-cp", "edp").

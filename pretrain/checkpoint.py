@@ -36,7 +36,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from parallel.errors import FoldtronError
 from pretrain.checkpoint_state import checkpoint_state
-from pretrain.distributed import barrier
 
 LATEST = "latest"
 META = "meta.json"
@@ -46,6 +45,14 @@ _STEP = re.compile(r"step_\d{8}")
 
 class CheckpointError(FoldtronError, RuntimeError):
     """A checkpoint that cannot be written or used; the message says which and why."""
+
+
+class _CorruptMeta(CheckpointError):
+    """A meta.json that does not parse: with `resume: auto`, its checkpoint counts as damaged."""
+
+    def __init__(self, meta_path: str, reason: str):
+        super().__init__(f"{meta_path} is corrupt ({reason}); resume from another checkpoint")
+        self.reason = reason
 
 
 def step_name(step: int) -> str:
@@ -79,7 +86,7 @@ class PendingSave:
     """A checkpoint being written in the background. Training goes on; `finish()` (on every rank together)
     waits for the write, checksums the files and only then renames the folder and moves `latest`."""
 
-    def __init__(self, future: concurrent.futures.Future, publish: Callable[[], str], path: str):
+    def __init__(self, future: concurrent.futures.Future, publish: Callable[[dict], str], path: str):
         self.future, self.publish, self.path = future, publish, path
 
     def done(self) -> bool:
@@ -87,8 +94,8 @@ class PendingSave:
 
     def finish(self) -> str:
         with _labelled(f"checkpoint {self.path} could not be written; the previous checkpoints are intact"):
-            self.future.result()
-        return self.publish()
+            files = self.future.result()
+        return self.publish(files)
 
 
 def save(
@@ -96,56 +103,84 @@ def save(
     teacher=None, background: Background | None = None,
 ) -> str | PendingSave:
     """Write checkpoint `step` atomically (every rank its boxes); return its folder. With `background`, the
-    state is first copied to CPU memory (the only part the caller waits for) and written by the background
-    thread: a `PendingSave` is returned, whose `finish()` completes it."""
+    state is first copied to CPU memory (the part the caller waits for) and the background thread writes and
+    checksums it: a `PendingSave` is returned, whose `finish()` publishes it (rank 0 renames the folder and
+    moves `latest`, two small collectives)."""
     rank = topology.rank
     final = os.path.join(ckpt_dir, step_name(step))
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_name(step))
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a save that crashed
-    barrier()
+    _on_rank0(lambda: shutil.rmtree(tmp, ignore_errors=True))  # left by a save that crashed
     os.makedirs(tmp, exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     state = checkpoint_state(model, optimizer.state_pieces(), fp8=fp8, teacher=teacher, staged=background is not None)
+    group = background.group if background is not None else None
 
-    def write():
+    def write() -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.save(state, checkpoint_id=tmp, process_group=background.group if background else None)
+            dcp.save(state, checkpoint_id=tmp, process_group=group)
+        return manifest(tmp, group=group)  # DCP returns once every rank's files are written
 
-    def publish() -> str:
-        barrier()  # every rank's files are in place before they are checksummed
-        files = manifest(tmp)
-        if rank == 0:
+    def publish(files: dict) -> str:
+        def rename() -> None:
             seal(tmp, {"step": step, **meta}, files=files)
-            stale = None
-            if os.path.exists(final):  # the same step saved before: move it aside, never delete it first
-                stale = final + ".old"
-                os.replace(final, stale)
-            os.rename(tmp, final)
+            os.replace(tmp, final) if not os.path.exists(final) else _replace_folder(tmp, final)
             _write_latest(ckpt_dir, step_name(step))
-            if stale:
-                shutil.rmtree(stale)
             _prune(ckpt_dir, keep_last)
-        barrier()
+
+        _on_rank0(rename)
         return final
 
     if background is not None:
         return PendingSave(background.executor.submit(write), publish, final)
-    write()
-    return publish()
+    return publish(write())
 
 
-def _shared(names: list[str], work: Callable[[str], object]) -> dict:
-    """work(name) for every name, the names dealt out over the ranks (each file read by one rank); every rank
-    gets all the results."""
+def _replace_folder(new: str, old: str) -> None:
+    """Put folder `new` where `old` is, `old` moved aside first and deleted only once `new` is in place."""
+    aside = old + ".old"
+    shutil.rmtree(aside, ignore_errors=True)  # a leftover of an earlier replacement: `old` is whole
+    os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside)
+
+
+def _on_rank0(work: Callable[[], None]) -> None:
+    """Do `work` on rank 0 while the others wait; a failure there is raised on every rank (as a CheckpointError
+    naming it), so that no rank waits for one that has given up."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        work()
+        return
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except OSError as err:
+            failure = f"{type(err).__name__}: {err}"
+    shared = [failure]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise CheckpointError(f"rank 0 could not finish the checkpoint ({shared[0]})")
+
+
+def _shared(names: list[str], work: Callable[[str], object], *, group=None) -> dict:
+    """work(name) for every name, the names dealt out over the ranks of `group` (default: all; each file read
+    by one rank); every rank gets all the results. An OSError on any rank is raised on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return {name: work(name) for name in names}
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {name: work(name) for i, name in enumerate(names) if i % world == rank}
+    mine, failures = {}, []
+    for name in names[rank::world]:
+        try:
+            mine[name] = work(name)
+        except OSError as err:
+            failures.append(f"{name}: {type(err).__name__}: {err}")
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return {k: v for part in everyone for k, v in part.items()}
+    dist.all_gather_object(everyone, (mine, failures), group=group)
+    failed = [f for _, part in everyone for f in part]
+    if failed:
+        raise CheckpointError(f"cannot read the checkpoint's files ({'; '.join(failed[:3])})")
+    return {k: v for part, _ in everyone for k, v in part.items()}
 
 
 def _file_record(path: str) -> dict:
@@ -156,21 +191,34 @@ def _file_record(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "crc32": f"{crc:08x}"}
 
 
-def manifest(folder: str) -> dict:
-    """{file: {"bytes", "crc32"}} for every file in `folder` but meta.json (shared out over the ranks when a
-    process group runs: call it on every rank)."""
+def manifest(folder: str, *, group=None) -> dict:
+    """{file: {"bytes", "crc32"}} for every file in `folder` but meta.json (shared out over the ranks of `group`
+    when a process group runs: call it on every rank)."""
     names = sorted(n for n in os.listdir(folder) if n != META and os.path.isfile(os.path.join(folder, n)))
-    return _shared(names, lambda name: _file_record(os.path.join(folder, name)))
+    return _shared(names, lambda name: _file_record(os.path.join(folder, name)), group=group)
 
 
 def seal(folder: str, meta: dict, *, files: dict | None = None) -> None:
     """Write `folder`'s meta.json, last, with the format and the manifest of its files (`files` from
     `manifest`; by default computed here, by this process alone). A checkpoint without it is incomplete."""
     record = {**meta, "format": FORMAT, "files": manifest(folder) if files is None else files}
-    tmp = os.path.join(folder, META + ".tmp")
+    _write_durably(os.path.join(folder, META), json.dumps(record, indent=1))
+
+
+def _write_durably(path: str, text: str) -> None:
+    """Replace file `path` by `text` atomically, on disk before the rename (a power loss leaves the old file or the
+    new one, never an empty one)."""
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(folder, META))
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def damage(path: str, meta: dict) -> Optional[str]:
@@ -182,11 +230,16 @@ def damage(path: str, meta: dict) -> Optional[str]:
         full = os.path.join(path, name)
         if not os.path.isfile(full):
             return f"{name} is missing"
-        size = os.path.getsize(full)
-        if size != files[name]["bytes"]:
-            return f"{name} has {size} bytes, {files[name]['bytes']} were written"
-        if _file_record(full)["crc32"] != files[name]["crc32"]:
-            return f"{name} does not have the checksum it was written with"
+        try:
+            size, written = os.path.getsize(full), files[name]
+            if size != written["bytes"]:
+                return f"{name} has {size} bytes, {written['bytes']} were written"
+            if _file_record(full)["crc32"] != written["crc32"]:
+                return f"{name} does not have the checksum it was written with"
+        except OSError as err:
+            return f"{name} cannot be read ({type(err).__name__}: {err})"
+        except (KeyError, TypeError):
+            return f"{META} records {name} without its size and checksum"
         return None
 
     problems = [p for p in _shared(sorted(files), check).values() if p]
@@ -194,10 +247,7 @@ def damage(path: str, meta: dict) -> Optional[str]:
 
 
 def _write_latest(ckpt_dir: str, name: str) -> None:
-    tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+    _write_durably(os.path.join(ckpt_dir, LATEST), name + "\n")
 
 
 def _complete(ckpt_dir: str) -> list[str]:
@@ -219,6 +269,7 @@ def check_no_later_checkpoints(ckpt_dir: str, start_step: int) -> None:
 
 def _prune(ckpt_dir: str, keep_last: int) -> None:
     for name in _complete(ckpt_dir)[:-keep_last]:
+        os.remove(os.path.join(ckpt_dir, name, META))  # first: a folder half deleted is then not "complete"
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
@@ -236,25 +287,34 @@ def resolve(resume: str, ckpt_dir: str, *, announce: Callable[[str], None] = pri
         return resume
     if not os.path.isdir(ckpt_dir):
         return None
-    main = not dist.is_initialized() or dist.get_rank() == 0
     set_aside = False
     for name in reversed(_complete(ckpt_dir)):
         path = os.path.join(ckpt_dir, name)
-        problem = damage(path, read_meta(path))
+        try:
+            problem = damage(path, read_meta(path))
+        except _CorruptMeta as err:  # a crash while it was written, say: as damaged as a file
+            problem = f"its {META} is unreadable: {err.reason}"
         if problem is None:
-            if set_aside and main:
-                _write_latest(ckpt_dir, name)
-            barrier()
+            if set_aside:
+                _on_rank0(lambda: _write_latest(ckpt_dir, name))
             return path
-        barrier()  # every rank has looked at it before it moves
-        if main:
-            os.replace(path, path + ".damaged")
+        kept = _free_name(path + ".damaged")
+        _on_rank0(lambda: os.replace(path, kept))  # after every rank has looked at it
         set_aside = True
-        announce(f"checkpoint {path} is damaged ({problem}): kept as {name}.damaged, trying an older one")
+        announce(f"checkpoint {path} is damaged ({problem}): kept as {os.path.basename(kept)}, trying an older one")
     if set_aside:
         raise CheckpointError(f"checkpoint.resume=auto: no intact checkpoint is left in {ckpt_dir} (the damaged "
                               "ones are kept as *.damaged); start a new run.dir, or set checkpoint.resume=none")
     return None
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path-2`, `path-3`...: the first that does not exist (a step damaged twice keeps both)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def _check_intact(path: str, *, label: str, fix: str) -> dict:
@@ -275,19 +335,13 @@ def read_meta(path: str) -> dict:
             meta = json.load(f)
         int(meta["step"]), int(meta["consumed_samples"])
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{meta_path} is corrupt ({type(err).__name__}: {err}); "
-                              "resume from another checkpoint") from None
+        raise _CorruptMeta(meta_path, f"{type(err).__name__}: {err}") from None
     if meta.get("format", 1) != FORMAT:
         raise CheckpointError(
             f"{path} is in checkpoint format {meta.get('format', 1)} (keys per shard, written before checkpoints "
             f"moved between layouts); this foldtron reads format {FORMAT}: continue that run with the foldtron "
             "version that wrote it, or start a new run.dir")
     return meta
-
-
-def check_compatible(path: str, meta: dict, *, model_signature: dict) -> None:
-    """Refuse a checkpoint of another model before anything is loaded; any parallel layout loads."""
-    check_model(path, meta, model_signature=model_signature)
 
 
 def resolve_init(path: str, *, label: str | None = None) -> str:
@@ -322,8 +376,8 @@ def check_model(path: str, meta: dict, *, model_signature: dict,
 
 def load(path: str, *, model: torch.nn.Module, optimizer, rank: int, fp8=None, teacher=None,
          restore_rng: bool = True) -> dict:
-    """Restore model, optimizer and RNG from `path` (checked with `check_compatible` first), into whatever
-    layout this run has; the FP8 state when `fp8` is given (the caller checks that the checkpoint holds the
+    """Restore model, optimizer and RNG from `path` (the caller has checked its model with `check_model`), into
+    whatever layout this run has; the FP8 state when `fp8` is given (the caller checks that the checkpoint holds the
     same kind) and RLP's EMA teacher when `teacher` is (the caller checks that the checkpoint holds one).
     `restore_rng`: this rank's random state is that of rank `rank` of the saving run (meaningful in the same
     layout only: the caller reseeds otherwise). Returns its meta."""
@@ -343,7 +397,8 @@ def load(path: str, *, model: torch.nn.Module, optimizer, rank: int, fp8=None, t
 
 
 def load_weights(path: str, *, model: torch.nn.Module, label: str | None = None) -> None:
-    """Only the model's weights from `path` (checked with `check_model` first), for a fresh run in any layout:
+    """Only the model's weights from `path` (the caller has checked its model with `check_model`), for a fresh run
+    in any layout:
     no optimizer state, step, data position or random state. `label`: how an error names the path."""
     _read(checkpoint_state(model), path, failure=f"{label or f'checkpoint.init_from={path}'}: cannot load its weights")
 
@@ -363,7 +418,7 @@ def read_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
     (offline tools: export, tests). Read a few keys at a time to bound memory."""
     shapes = saved_tensors(path)
     state = {key: torch.empty(shapes[key][0], dtype=shapes[key][1]) for key in keys}
-    _read(state, path, failure=f"{path}: cannot read {', '.join(keys[:3])}")
+    _read(state, path, failure=f"{path}: cannot read {', '.join(keys[:3])}", alone=True)
     return state
 
 
@@ -377,11 +432,12 @@ def _labelled(failure: str):
         raise CheckpointError(f"{failure} ({_reason(err)})") from err
 
 
-def _read(state: dict, path: str, *, failure: str) -> None:
-    """Read `state` (from `checkpoint_state`: views of the weights and states) from `path`, in place."""
+def _read(state: dict, path: str, *, failure: str, alone: bool = False) -> None:
+    """Read `state` (from `checkpoint_state`: views of the weights and states) from `path`, in place; `alone`:
+    in this process only, even where a process group runs."""
     with _labelled(failure), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=alone)
 
 
 def _reason(err: BaseException) -> str:

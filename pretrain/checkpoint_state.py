@@ -81,7 +81,7 @@ def _range(p: torch.nn.Parameter, moment: torch.Tensor, lo: int, hi: int) -> tor
     global tensor: the flat range cut into contiguous boxes of the local tensor, moved to where it sits."""
     where = placement_of(p)
     start = tuple(s.start for s in where.local_slices())
-    flat, pieces, at = moment.reshape(-1), [], 0
+    flat, pieces, at = moment.view(-1), [], 0  # a view: loading must fill the moment itself
     for offsets, sizes in shifted(flat_boxes(where.local_shape, lo, hi), start):
         n = math.prod(sizes)
         pieces.append(((offsets, sizes), flat[at:at + n].view(sizes)))

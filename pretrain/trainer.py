@@ -158,7 +158,7 @@ class Trainer:
         # another layout loads too (the keys name tensors, not ranks); only the random states stay behind
         self.resharded_from = None
         if self.resume_from:
-            checkpoint.check_compatible(self.resume_from, meta, model_signature=model_signature(cfg.model))
+            checkpoint.check_model(self.resume_from, meta, model_signature=model_signature(cfg.model))
             if meta.get("layout") != self.layout():
                 self.resharded_from = meta.get("layout")
             if meta.get("data_signature", data_signature(cfg)) != data_signature(cfg):
@@ -254,7 +254,8 @@ class Trainer:
         )
 
     def layout(self) -> dict:
-        """What the shards of a checkpoint depend on: the parallel layout and how optimizer states are sharded."""
+        """The parallel layout and the optimizer's sharding, recorded in each checkpoint: a resume in the same one
+        restores the random states of the ranks (any layout loads the tensors)."""
         o, p = self.cfg.optimizer, self.cfg.parallel
         return {**self.topology.layout(), "pipeline_layers": describe_chunks(self.chunks),
                 "distributed_optimizer": o.distributed, "grad_bucket_mb": p.grad_bucket_mb if o.distributed else None}
@@ -507,8 +508,10 @@ class Trainer:
         if self.resume_from:
             lines.append(f"resumed from {self.resume_from} at step {self.step}")
         if self.resharded_from is not None:
+            now = self.layout()
             lines.append("  saved in another layout (" + ", ".join(
-                f"{k} {v!r}" for k, v in self.resharded_from.items() if self.layout().get(k) != v)
+                f"{k} {self.resharded_from.get(k)!r} -> {now.get(k)!r}" for k in sorted({*now, *self.resharded_from})
+                if self.resharded_from.get(k) != now.get(k))
                 + "): resharded on load; the random states are reseeded from (seed, step, rank)")
         if self.init_from:
             lines.append(f"initialised from {self.init_from} (its weights; a fresh optimizer, schedule and data)")

@@ -95,7 +95,7 @@ def load_model(folder: str, topology: Topology) -> GPT:
     with torch.no_grad():
         for name, p in model.named_parameters():
             placement = placement_of(p)
-            whole = cc.read_tensor(folder, f"model.{name}", placement.global_shape, p.dtype)
+            whole = cc.checkpoint.read_tensors(folder, [f"model.{name}"])[f"model.{name}"]
             p.copy_(whole[placement.local_slices()])
     return model.eval()
 
@@ -497,14 +497,49 @@ def test_config_fields_map_both_ways():
         hf.model_section({**v4, "mlp_bias": True, "hidden_act": "gelu"})
 
 
+def test_routing_and_rope_fields_are_mapped_or_refused_by_name():
+    """Qwen3-MoE top-1: unnormalised (norm_topk_prob false) is the top-1 of the full softmax, which foldtron
+    computes; renormalised gives weight 1 and no router gradient, refused by HF's field. A llama3 rope scaling
+    that lacks a key is refused by the key's name (transformers also needs it)."""
+    qwen = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "vocab_size": 256, "intermediate_size": 128, "moe_intermediate_size": 32,
+            "num_experts": 8, "num_experts_per_tok": 1, "norm_topk_prob": False, "head_dim": 32}
+    assert hf.model_section(qwen)["moe"]["router"]["pre_softmax"] is True
+    config_from_dict({"model": hf.model_section(qwen)}).validate()
+    with pytest.raises(ConversionError, match="norm_topk_prob=True .with num_experts_per_tok=1"):
+        hf.model_section({**qwen, "norm_topk_prob": True})
+    llama = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+             "num_hidden_layers": 2, "vocab_size": 1000, "intermediate_size": 128,
+             "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+    with pytest.raises(ConversionError, match="rope_scaling.original_max_position_embeddings=None"):
+        hf.model_section(llama)
+
+
+def test_a_recipe_sets_how_the_import_trains_not_what_it_computes(hf_folders, tmp_path):
+    """An MoE recipe's training fields merge field by field into the imported model.moe; a field that would change
+    the model (rope scaling on a dense Llama, MoE on a dense model) is refused by name, nothing written."""
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text("model:\n  seq_length: 16\n  moe:\n    capacity_factor: 1.5\n    router:\n"
+                      "      z_loss_coeff: 0.001\n")
+    cc.import_hf(hf_folders["mixtral"][0], str(tmp_path / "out"), recipe=str(recipe))
+    cfg = load_config(str(tmp_path / "out" / "config.yaml"))
+    moe = cfg.model.moe
+    assert (moe.num_experts, moe.capacity_factor, moe.router.z_loss_coeff) == (4, 1.5, 0.001), moe
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  rope_scaling: {type: llama3}\n  moe: {capacity_factor: 1.0}\n")
+    with pytest.raises(ConversionError, match="model.rope_scaling, model.moe .config.json describes a dense model. "
+                                              "would change the imported model"):
+        cc.import_hf(hf_folders["llama"][0], str(tmp_path / "dense"), recipe=str(bad))
+    assert not os.path.exists(tmp_path / "dense")
+
+
 def test_export_takes_the_policy_not_the_teacher_or_the_optimizer(imported, tmp_path):
     """An RLP checkpoint also holds ema.* (the EMA teacher) and optim.*: export reads model.* alone."""
     import torch.distributed.checkpoint as dcp
 
     folder = imported["llama"]
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    shapes = cc.saved_tensors(folder)
-    policy = {f"model.{n}": cc.read_tensor(folder, f"model.{n}", *s) for n, s in shapes.items()}
+    policy = cc.checkpoint.read_tensors(folder, sorted(cc.checkpoint.saved_tensors(folder)))
     state = {**policy, **{k.replace("model.", "ema.", 1): torch.full_like(t, 7.0) for k, t in policy.items()},
              "optim.embedding.weight.exp_avg": torch.ones(128, 32)}
     with pytest.warns(UserWarning, match="single process"):  # DCP's note that no process group runs

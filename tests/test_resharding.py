@@ -123,3 +123,41 @@ def test_the_checkpoint_holds_each_tensor_once_under_its_name(tmp_path, tiny_cor
     assert saved["model.layers.3.attention.qkv.weight"][0] == (cfg.model.hidden_size * 2, cfg.model.hidden_size)
     assert not [k for k in saved if ".pp" in k or ".tp" in k or k.startswith("optim.") and k.count(".") < 3]
     assert {k.rsplit(".", 1)[1] for k in saved if k.startswith("optim.")} == {"exp_avg", "exp_avg_sq", "step"}
+
+
+def _resume_step(rank: int, world: int, cfg):
+    return Trainer(cfg, world, rank).step
+
+
+def test_a_damaged_checkpoint_of_two_ranks_is_set_aside_by_all_of_them(tmp_path, tiny_corpus):
+    """DP2: rank 1's shard of the newest checkpoint truncated. Every rank of a TP2 resume agrees to take the
+    checkpoint before (the files are checked by the ranks together)."""
+    cfg = layout_config(tmp_path, tiny_corpus, *EXTRA, "checkpoint.interval=2", "checkpoint.keep_last=2")
+    run_ranks(2, _train, cfg)
+    newest = os.path.join(cfg.checkpoint_dir, "step_00000004")
+    with open(os.path.join(newest, "__1_0.distcp"), "r+b") as f:
+        f.truncate(10)
+    again = layout_config(tmp_path, tiny_corpus, *EXTRA, "parallel.tensor=2", "train.iters=6")
+    assert run_ranks(2, _resume_step, again) == [2, 2]
+    assert os.path.isdir(newest + ".damaged")
+
+
+def _save_failing_on_rank0(rank: int, world: int, cfg):
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    if rank == 0:
+        checkpoint._write_latest = fail  # in this forked rank only
+    try:
+        train(cfg, world, rank)
+    except checkpoint.CheckpointError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_failure_of_rank_0_while_publishing_is_raised_on_every_rank(tmp_path, tiny_corpus):
+    """Rank 0 alone renames and moves `latest`: when that fails, the others must not wait for it forever."""
+    cfg = layout_config(tmp_path, tiny_corpus, *EXTRA, "checkpoint.interval=2")
+    messages = run_ranks(2, _save_failing_on_rank0, cfg, timeout=120)
+    assert all("rank 0 could not finish the checkpoint (OSError: [Errno 28] No space left on device)" in m
+               for m in messages), messages

@@ -185,13 +185,37 @@ def test_fresh_run_over_a_folder_with_checkpoints_is_refused(tmp_path, tiny_corp
     assert sorted(os.listdir(cfg.checkpoint_dir)) == ["latest", "step_00000003", "step_00000006"]
 
 
-def test_corrupt_meta_is_a_checkpoint_error(tmp_path, tiny_corpus):
-    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=3")
+def test_a_corrupt_meta_is_damage_auto_resume_goes_past(tmp_path, tiny_corpus, capsys):
+    """A meta.json cut short (a crash while it was written): an explicit resume is refused in one line; auto
+    sets the checkpoint aside and takes the one before, and with none left says so."""
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=6", "checkpoint.interval=3", "checkpoint.keep_last=2")
     train(cfg)
-    with open(os.path.join(cfg.checkpoint_dir, "step_00000003", "meta.json"), "w") as f:
+    newest = os.path.join(cfg.checkpoint_dir, "step_00000006")
+    with open(os.path.join(newest, "meta.json"), "w") as f:
         f.write("{not json")
-    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
-        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=6"))
+    with pytest.raises(CheckpointError, match="step_00000006/meta.json is corrupt"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=9", f"checkpoint.resume={newest}"))
+    capsys.readouterr()
+    trainer = Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=9"))
+    assert trainer.step == 3 and "step_00000006 is damaged (its meta.json is unreadable: " in capsys.readouterr().out
+    with open(os.path.join(cfg.checkpoint_dir, "step_00000003", "meta.json"), "w") as f:
+        f.write("")
+    with pytest.raises(CheckpointError, match="no intact checkpoint is left"):
+        Trainer(tiny_config(tmp_path, tiny_corpus, "train.iters=9"))
+    assert sorted(os.listdir(cfg.checkpoint_dir)) == ["latest", "step_00000003.damaged", "step_00000006.damaged"]
+
+
+def test_a_step_damaged_twice_keeps_both_copies(tmp_path, tiny_corpus):
+    cfg = tiny_config(tmp_path, tiny_corpus, "train.iters=6", "checkpoint.interval=3", "checkpoint.keep_last=3")
+    train(cfg)
+    for _ in range(2):
+        newest = os.path.join(cfg.checkpoint_dir, "step_00000006")
+        (shard,) = [n for n in os.listdir(newest) if n.endswith(".distcp")]
+        with open(os.path.join(newest, shard), "r+b") as f:
+            f.truncate(10)
+        train(tiny_config(tmp_path, tiny_corpus, "train.iters=6", "checkpoint.interval=3", "checkpoint.keep_last=3"))
+    assert sorted(n for n in os.listdir(cfg.checkpoint_dir) if "damaged" in n) == [
+        "step_00000006.damaged", "step_00000006.damaged-2"]
 
 
 def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path, tiny_corpus):

@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItemType
 
@@ -59,7 +59,6 @@ from tools import hf
 from tools.hf import ConversionError
 
 PROGRAM = "convert_checkpoint"
-FORMAT = checkpoint.FORMAT  # the layout-free checkpoint format: keys model.<name>, each the whole tensor
 FIRST = checkpoint.step_name(0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -227,7 +226,7 @@ def write_checkpoint(folder: str, producers: dict[str, Callable[[], torch.Tensor
 
 
 def checkpoint_meta(cfg: Config, **extra) -> dict:
-    return {"format": FORMAT, "step": 0, "consumed_samples": 0, "model_signature": model_signature(cfg.model),
+    return {"step": 0, "consumed_samples": 0, "model_signature": model_signature(cfg.model),
             "layout": {}, "config": cfg.to_dict(), **extra}
 
 
@@ -284,7 +283,7 @@ def import_hf(folder: str, out: str, *, recipe: Optional[str] = None, dtype: tor
     recipe_model = raw.get("model") or {}
     section = hf.model_section(source_config, vocab_multiple=recipe_model.get("vocab_multiple", 128),
                                seq_length=seq_length or recipe_model.get("seq_length"))
-    raw["model"] = {**recipe_model, **section}
+    raw["model"] = _model_of(recipe, recipe_model, section)
     raw.setdefault("run", {}).setdefault("name", _run_name(out))
     tokenizer = find_tokenizer(folder)
     if tokenizer is not None:
@@ -337,6 +336,31 @@ def _read_recipe(recipe: Optional[str]) -> dict:
         return yaml.safe_load(f) or {}
 
 
+# what a recipe may set in the model section of an import: how it trains, not what it computes (config.json says that)
+RECIPE_MODEL = {"seq_length", "vocab_multiple", "recompute", "recompute_layers", "loss_chunk_tokens", "norm_impl"}
+RECIPE_MOE = {"dispatcher", "capacity_factor", "drop_policy", "pad_to_capacity", "experts"}
+RECIPE_ROUTER = {"load_balancing", "aux_loss_coeff", "z_loss_coeff"}
+
+
+def _model_of(recipe: Optional[str], recipe_model: dict, section: dict) -> dict:
+    """The imported model section with the recipe's training fields merged in (an MoE's too, field by field);
+    a recipe field that would change what the model computes is refused by name."""
+    moe = dict(recipe_model.get("moe") or {})
+    router = dict(moe.pop("router", None) or {})
+    refused = [f"model.{k}" for k in recipe_model if k not in RECIPE_MODEL | {"moe"}]
+    refused += [f"model.moe.{k}" for k in moe if k not in RECIPE_MOE]
+    refused += [f"model.moe.router.{k}" for k in router if k not in RECIPE_ROUTER]
+    if (moe or router) and "moe" not in section:
+        refused.append("model.moe (config.json describes a dense model)")
+    if refused:
+        raise ConversionError(f"--recipe {recipe}: {', '.join(refused)} would change the imported model, which "
+                              "config.json describes: remove them from the recipe")
+    merged = {**{k: v for k, v in recipe_model.items() if k != "moe"}, **section}
+    if "moe" in section:
+        merged["moe"] = {**section["moe"], **moe, "router": {**section["moe"].get("router", {}), **router}}
+    return merged
+
+
 def _run_name(out: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.abspath(out))) or "imported"
 
@@ -371,28 +395,6 @@ def open_checkpoint(path: str) -> tuple[str, dict, Config]:
     if cfg.model.vocab_size is None:
         raise ConversionError(f"{folder}: its saved config has no model.vocab_size (not a resolved config)")
     return folder, meta, cfg
-
-
-def read_tensor(folder: str, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """One whole tensor of a DCP checkpoint, whatever layout wrote it (DCP assembles its pieces)."""
-    out = {key: torch.empty(shape, dtype=dtype)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is disabled ...: loading in a single process"
-        dcp.load(out, storage_reader=FileSystemReader(folder), no_dist=True)
-    return out[key]
-
-
-def saved_tensors(folder: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """name -> (global shape, dtype) of the model tensors (`model.*`) of a DCP checkpoint."""
-    try:
-        metadata = FileSystemReader(folder).read_metadata().state_dict_metadata
-    except Exception as err:  # DCP raises what its reader meets (OSError, pickle errors, EOFError)
-        raise ConversionError(f"{folder}: its DCP metadata cannot be read ({type(err).__name__}: {err})") from None
-    out = {}
-    for key, item in metadata.items():
-        if key.startswith("model.") and hasattr(item, "size") and not key.endswith("_extra_state"):
-            out[key[len("model."):]] = (tuple(item.size), item.properties.dtype)
-    return out
 
 
 def unpadded_vocab(cfg: Config, meta: dict, requested: Optional[int]) -> int:
@@ -462,7 +464,7 @@ def export_hf(path: str, out: str, *, max_shard_bytes: int = 5 * 10**9, dtype: s
         raise ConversionError(f"{out} already holds a model (config.json or safetensors files): export into a new "
                               "or empty folder")
     expected = expected_tensors(m)
-    saved = saved_tensors(folder)
+    saved = {k[len("model."):]: v for k, v in checkpoint.saved_tensors(folder).items() if k.startswith("model.")}
     missing, extra = set(expected) - set(saved), set(saved) - set(expected)
     if missing or extra:
         parts = ([f"missing model.{named(missing)}"] if missing else []) + (
@@ -487,7 +489,7 @@ def export_hf(path: str, out: str, *, max_shard_bytes: int = 5 * 10**9, dtype: s
         for name, shard in zip(names, shards):
             tensors = {}
             for mp in shard:
-                whole = read_tensor(folder, f"model.{mp.ours}", *saved[mp.ours])
+                whole = checkpoint.read_tensors(folder, [f"model.{mp.ours}"])[f"model.{mp.ours}"]
                 for theirs, t in zip(mp.theirs, hf.to_theirs(mp, whole, m, hf_vocab=hf_vocab)):
                     tensors[theirs] = t.to(target, copy=True).contiguous()
                     weight_map[theirs] = name

@@ -208,8 +208,11 @@ def model_section(hf: dict, *, vocab_multiple: int = 128, seq_length: Optional[i
         if scaling["rope_type"] != "llama3":
             refuse("rope_scaling.rope_type", scaling["rope_type"], "foldtron implements llama3 rope scaling only")
         else:
-            rope_scaling = {"type": "llama3", **{k: scaling[k] for k in (
-                "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in scaling}}
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            for key in keys:
+                if key not in scaling:
+                    refuse(f"rope_scaling.{key}", None, "llama3 rope scaling needs it (transformers does too)")
+            rope_scaling = {"type": "llama3", **{k: scaling[k] for k in keys if k in scaling}}
     partial = (get("rope_parameters") or {}).get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         refuse("partial_rotary_factor", partial, "foldtron rotates the whole head")
@@ -253,9 +256,10 @@ def _moe_section(arch: Architecture, hf: dict, refuse) -> Optional[dict]:
         return moe
     moe["ffn_hidden_size"] = get("moe_intermediate_size")
     if not get("norm_topk_prob", False):  # the top-k of the softmax over all experts, not renormalised
-        if top_k == 1:
-            refuse("norm_topk_prob", False, "with one expert per token foldtron renormalises its probability to 1")
         moe["router"]["pre_softmax"] = True
+    elif top_k == 1:
+        refuse("norm_topk_prob", True, "with num_experts_per_tok=1 it gives every token the weight 1, and the "
+               "router no gradient; foldtron refuses that router")
     step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
     layers = [int(i not in dense and (i + 1) % step == 0) for i in range(get("num_hidden_layers"))]
     if not any(layers):
@@ -287,6 +291,9 @@ def export_architecture(m: ModelConfig) -> Architecture:
             problems.append("model.moe.router.num_groups (no group-limited routing in Mixtral or Qwen3-MoE)")
         if router.expert_bias_update_rate > 0:
             problems.append("model.moe.router.expert_bias_update_rate > 0 (no expert bias in Mixtral or Qwen3-MoE)")
+        if moe.capacity_factor is not None:
+            problems.append(f"model.moe.capacity_factor={moe.capacity_factor} (foldtron drops tokens over capacity, "
+                            "also in evaluation; Mixtral and Qwen3-MoE are dropless, so their outputs would differ)")
         if not m.qk_norm:
             dense = [i for i in range(m.num_layers) if not moe.is_moe_layer(i)]
             if dense:
