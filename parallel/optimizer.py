@@ -155,11 +155,12 @@ class DistributedAdamW(_AdamW):
         if flat_params.numel() != reducer.layout.size:
             raise ValueError("flat_params must come from adopt_flat_storage over the reducer's layout")
         self.reducer, self.flat_params, self.impl = reducer, flat_params, impl
-        self.pieces = [(p, flat_params[a:b], reducer.reduced_grad(p, a, b)) for p, a, b in reducer.owned_ranges()]
+        owned = reducer.owned_ranges()
+        self.pieces = [(p, flat_params[a:b], reducer.reduced_grad(p, a, b)) for p, a, b in owned]
         starts = {p: a for _, p, a, _ in reducer.layout.places()}
         # each master slice -> (its weight, the range of the weight's local tensor it covers)
         self.ranges_of = {id(master): (p, a - starts[p], b - starts[p])
-                          for (p, master, _), (_, a, b) in zip(self.pieces, reducer.owned_ranges())}
+                          for (p, master, _), (_, a, b) in zip(self.pieces, owned)}
         # a rank may own no slice of any weight: the optimizers need a tensor to hold the hyperparameters (on the
         # weights' device: FusedAdam's kernels take CUDA tensors only; alone in its group, its being empty is harmless)
         groups = _decay_groups([(p, master) for p, master, _ in self.pieces], weight_decay) or [

@@ -83,8 +83,8 @@ class Background:
 
 
 class PendingSave:
-    """A checkpoint being written in the background. Training goes on; `finish()` (on every rank together)
-    waits for the write, checksums the files and only then renames the folder and moves `latest`."""
+    """A checkpoint being written (and checksummed) in the background. Training goes on; `finish()` (on every
+    rank together) waits for the write, and only then does rank 0 rename the folder and move `latest`."""
 
     def __init__(self, future: concurrent.futures.Future, publish: Callable[[dict], str], path: str):
         self.future, self.publish, self.path = future, publish, path
@@ -124,7 +124,10 @@ def save(
     def publish(files: dict) -> str:
         def rename() -> None:
             seal(tmp, {"step": step, **meta}, files=files)
-            os.replace(tmp, final) if not os.path.exists(final) else _replace_folder(tmp, final)
+            if os.path.exists(final):
+                _replace_folder(tmp, final)
+            else:
+                os.replace(tmp, final)
             _write_latest(ckpt_dir, step_name(step))
             _prune(ckpt_dir, keep_last)
 

@@ -175,8 +175,9 @@ class Trainer:
         self.hf_origin = meta.get("hf")
         if cfg.checkpoint.init_from and not self.resume_from:
             self.init_from = checkpoint.resolve_init(cfg.checkpoint.init_from)
-            self.hf_origin = checkpoint.read_meta(self.init_from).get("hf")
-            checkpoint.check_model(f"checkpoint.init_from={self.init_from}:", checkpoint.read_meta(self.init_from),
+            init_meta = checkpoint.read_meta(self.init_from)
+            self.hf_origin = init_meta.get("hf")
+            checkpoint.check_model(f"checkpoint.init_from={self.init_from}:", init_meta,
                                    model_signature=model_signature(cfg.model),
                                    fix="configure the model it holds (its config.yaml beside the checkpoints "
                                        "says which)")
