@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from parallel.errors import FoldtronError
 
@@ -46,6 +47,24 @@ def parse_command(argv: list[str], parse, *, program: str, usage: str):
     except UsageError as err:
         print(f"{program}: error: {err}\n{usage}", file=sys.stderr)
         return 2
+
+
+def run_tool(program: str, work: Callable[[int, int], None]) -> int:
+    """A tool's main once its arguments are parsed: `work(world_size, rank)` (several ranks under torchrun); bad
+    input ends as one line, printed once over the ranks, and exit status 1; the process group `work` may have
+    started is ended either way. Returns the exit status."""
+    from pretrain import distributed
+    from pretrain.__main__ import report
+
+    world_size, rank = distributed.world_from_env()
+    try:
+        work(world_size, rank)
+    except USER_ERRORS as err:
+        report(err, world_size, rank, program=program)
+        return 1
+    finally:
+        distributed.shutdown()
+    return 0
 
 
 def print_error(program: str, err: BaseException) -> None:

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, parse_command, print_error
+from pretrain.cli import ArgumentParser, UsageError, parse_command, run_tool
 
 USAGE = "usage: python -m tools.bench_checkpoint [CONFIG.yaml] [section.key=value ...] [--steps M] [--saves K]"
 
@@ -115,22 +115,16 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from pretrain import distributed
-
     args = parse_command(argv, parse_args, program="bench_checkpoint", usage=USAGE)
     if isinstance(args, int):
         return args
-    world_size, rank = distributed.world_from_env()
-    try:
+
+    def work(world_size: int, rank: int) -> None:
         report = measure(args, world_size, rank)
         if rank == 0:
             print(table(report), flush=True)
-    except USER_ERRORS as err:
-        print_error("bench_checkpoint", err)
-        return 1
-    finally:
-        distributed.shutdown()
-    return 0
+
+    return run_tool("bench_checkpoint", work)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, parse_command, print_error
+from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, parse_command, run_tool
 
 USAGE = ("usage: python -m tools.bench_train CONFIG.yaml [section.key=value ...] [--warmup N] [--steps M] "
          "[--json PATH] [--peak-tflops X] [--no-baseline] [--fp8 torch,te]")
@@ -378,13 +378,11 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from pretrain import distributed
-
     args = parse_command(argv, parse_args, program="bench_train", usage=USAGE)
     if isinstance(args, int):
         return args
-    world_size, rank = distributed.world_from_env()
-    try:
+
+    def work(world_size: int, rank: int) -> None:
         report = benchmark(args, world_size, rank)
         if rank == 0:
             print(report["description"] + "\n\n" + table(report), flush=True)
@@ -392,17 +390,8 @@ def main(argv: list[str]) -> int:
                 with open(args.json_path, "w", encoding="utf-8") as f:
                     json.dump({k: v for k, v in report.items() if k != "description"}, f, indent=2)
                     f.write("\n")
-    except USER_ERRORS as err:
-        if world_size == 1:
-            print_error("bench_train", err)
-        else:  # once over the ranks, as python -m pretrain does
-            from pretrain.__main__ import report as report_once
 
-            report_once(err, world_size, rank)
-        return 1
-    finally:
-        distributed.shutdown()
-    return 0
+    return run_tool("bench_train", work)
 
 
 if __name__ == "__main__":

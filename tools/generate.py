@@ -33,7 +33,7 @@ from data.tokenizers import TokenizerError, build_tokenizer
 from parallel.topology import Sizes, Topology
 from pretrain import checkpoint, distributed
 from pretrain.checkpoint import CheckpointError
-from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, parse_command, print_error
+from pretrain.cli import ArgumentParser, UsageError, parse_command, run_tool
 from pretrain.config import Config, ConfigError
 from pretrain.config_loading import config_from_dict
 from pretrain.generation import GenerationError, Sampling, generate
@@ -383,23 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command(argv, parse_args, program=PROGRAM, usage=build_parser().format_usage().strip())
     if isinstance(args, int):
         return args
-    world, rank = distributed.world_from_env()
-    try:
+
+    def work(world: int, rank: int) -> None:
         report, tokenizer = sample_all(args, world, rank)
         if rank == 0:
             print(json_report(report) if args.json else text_report(report, tokenizer.decode), flush=True)
             warn_beyond_training(report)
-    except USER_ERRORS as err:
-        if world == 1:
-            print_error(PROGRAM, err)
-        else:  # once over the ranks, as python -m pretrain does
-            from pretrain.__main__ import report as report_once
 
-            report_once(err, world, rank, program=PROGRAM)
-        return 1
-    finally:
-        distributed.shutdown()
-    return 0
+    return run_tool(PROGRAM, work)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 from data.loader import eval_batches
-from pretrain.cli import USER_ERRORS, ArgumentParser, config_and_overrides, parse_command, print_error
+from pretrain.cli import ArgumentParser, config_and_overrides, parse_command, run_tool
 from pretrain.config import ConfigError
 from pretrain.config_loading import load_config
 from pretrain.trainer import Trainer
@@ -87,19 +87,19 @@ def main(argv: list[str]) -> int:
     args = parse_command(argv, _parse, program="info_gain", usage=USAGE)
     if isinstance(args, int):
         return args
-    try:
+
+    def work(world_size: int, rank: int) -> None:
         result = measure(args.config, args.overrides, args.checkpoint, batches=args.batches)
-    except USER_ERRORS as err:
-        print_error("info_gain", err)
-        return 1
-    print(f"{result['checkpoint']}: held-out information gain {result['information_gain']:+.4f} nats per position "
-          f"(log p with a thought {result['logp_with_thought']:.4f}, without {result['logp_without']:.4f}; "
-          f"{result['positive_fraction']:.0%} of thoughts help; thoughts of {result['thought_length']:.1f} tokens) "
-          f"over {result['positions']} positions x {result['group_size']} thoughts")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+        print(f"{result['checkpoint']}: held-out information gain {result['information_gain']:+.4f} nats per "
+              f"position (log p with a thought {result['logp_with_thought']:.4f}, without "
+              f"{result['logp_without']:.4f}; {result['positive_fraction']:.0%} of thoughts help; thoughts of "
+              f"{result['thought_length']:.1f} tokens) over {result['positions']} positions x "
+              f"{result['group_size']} thoughts")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    return run_tool("info_gain", work)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from pretrain.cli import USER_ERRORS, ArgumentParser, parse_command, print_error
+from pretrain.cli import ArgumentParser, parse_command, run_tool
 from pretrain.config_loading import load_config
 from pretrain.trainer import train
 from tools.info_gain import measure
@@ -85,17 +85,16 @@ def main(argv: list[str]) -> int:
     args = parse_command(argv, _parse, program="rlp_demo", usage=USAGE)
     if isinstance(args, int):
         return args
-    try:
+
+    def work(world_size: int, rank: int) -> None:
         result = demo(args.out, pretrain_steps=args.pretrain_steps, steps=args.steps, overrides=args.overrides,
                       quiet=args.quiet)
-    except USER_ERRORS as err:
-        print_error("rlp_demo", err)
-        return 1
-    print(report(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+        print(report(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    return run_tool("rlp_demo", work)
 
 
 if __name__ == "__main__":
