@@ -70,7 +70,7 @@ def measure(args: argparse.Namespace, world_size: int, rank: int) -> dict:
         total = args.warmup + args.steps * 4 * args.saves
         cfg = load_config(args.path, [*args.overrides, f"run.dir={run_dir}", f"train.iters={total}",
                                       "eval.interval=0", "logging.tensorboard=false", "checkpoint.interval=0",
-                                      f"checkpoint.keep_last={2 * args.saves + 1}", "checkpoint.resume=none"])
+                                      "checkpoint.keep_last=1", "checkpoint.resume=none"])  # disk: 2 at most
         trainer = Trainer(cfg, world_size, rank)
         _steps(trainer, args.warmup)
         rows, baselines = {}, []
