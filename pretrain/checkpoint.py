@@ -416,10 +416,11 @@ def saved_tensors(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
             if isinstance(md, TensorStorageMetadata)}
 
 
-def read_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: str, keys: list[str], *, index: dict | None = None) -> dict[str, torch.Tensor]:
     """The whole global tensors `keys` of checkpoint `path`, in this process alone, whatever layout wrote them
-    (offline tools: export, tests). Read a few keys at a time to bound memory."""
-    shapes = saved_tensors(path)
+    (offline tools: export, tests). Read a few keys at a time to bound memory; `index`: `saved_tensors(path)`,
+    when the caller has it already (else it is read here)."""
+    shapes = index if index is not None else saved_tensors(path)
     state = {key: torch.empty(shapes[key][0], dtype=shapes[key][1]) for key in keys}
     _read(state, path, failure=f"{path}: cannot read {', '.join(keys[:3])}", alone=True)
     return state

@@ -464,7 +464,8 @@ def export_hf(path: str, out: str, *, max_shard_bytes: int = 5 * 10**9, dtype: s
         raise ConversionError(f"{out} already holds a model (config.json or safetensors files): export into a new "
                               "or empty folder")
     expected = expected_tensors(m)
-    saved = {k[len("model."):]: v for k, v in checkpoint.saved_tensors(folder).items() if k.startswith("model.")}
+    index = checkpoint.saved_tensors(folder)
+    saved = {k[len("model."):]: v for k, v in index.items() if k.startswith("model.")}
     missing, extra = set(expected) - set(saved), set(saved) - set(expected)
     if missing or extra:
         parts = ([f"missing model.{named(missing)}"] if missing else []) + (
@@ -489,7 +490,7 @@ def export_hf(path: str, out: str, *, max_shard_bytes: int = 5 * 10**9, dtype: s
         for name, shard in zip(names, shards):
             tensors = {}
             for mp in shard:
-                whole = checkpoint.read_tensors(folder, [f"model.{mp.ours}"])[f"model.{mp.ours}"]
+                whole = checkpoint.read_tensors(folder, [f"model.{mp.ours}"], index=index)[f"model.{mp.ours}"]
                 for theirs, t in zip(mp.theirs, hf.to_theirs(mp, whole, m, hf_vocab=hf_vocab)):
                     tensors[theirs] = t.to(target, copy=True).contiguous()
                     weight_map[theirs] = name
