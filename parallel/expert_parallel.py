@@ -82,7 +82,7 @@ class TokenDispatcher(ABC):
             raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {ep}")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep
-        self.first_expert = topology.coords["ep"] * self.num_local_experts
+        self.first_expert = topology.index_in("ep") * self.num_local_experts
 
     @abstractmethod
     def dispatch(self, tokens: torch.Tensor, probs: torch.Tensor,
@@ -119,7 +119,7 @@ class AllToAllDispatcher(TokenDispatcher):
         super().__init__(num_experts, topology)
         self.ep_group, self.etp_group = topology.groups["ep"], topology.groups["etp"]
         self.tp_ep_group = topology.groups["tp-ep"]
-        self.ep_rank, self.etp_rank = topology.coords["ep"], topology.coords["etp"]
+        self.ep_rank, self.etp_rank = topology.index_in("ep"), topology.index_in("etp")
         members, rank = topology.members, topology.rank
         # A rank number is linear in its coordinates, so the rank at (EP index e, ETP index t) is
         # ep_members[e] + etp_members[t] - rank; `position[e, t]` is its place in the "tp-ep" group.

@@ -115,9 +115,6 @@ DENSE_GROUPS = ("tp", "cp", "dp", "dp-cp", "tp-cp", "tp-dp-cp", "pp")
 EXPERT_GROUPS = ("ep", "tp", "dp", "tp-ep")
 
 
-COORDINATES = {"tp": "tp", "cp": "cp", "dp": "dp", "pp": "pp", "dp_cp": "dp-cp", "ep": "ep", "etp": "etp", "edp": "edp"}
-
-
 def group_tables(sizes: Sizes) -> dict[str, list[list[int]]]:
     """Every group of the layout: name -> list of rank lists (expert-view groups named ep, etp, edp, tp-ep)."""
     sizes.check()
@@ -135,8 +132,6 @@ def group_tables(sizes: Sizes) -> dict[str, list[list[int]]]:
 class Topology:
     sizes: Sizes
     rank: int
-    # axis -> this rank's index, dense view (tp, cp, dp, pp) and expert (ep, etp, edp)
-    coords: dict = field(default_factory=dict)
     groups: dict = field(default_factory=dict)  # name -> ProcessGroup (None when a single rank)
     members: dict = field(default_factory=dict)  # name -> the ranks of this rank's group
 
@@ -153,8 +148,7 @@ class Topology:
                     created[key] = dist.new_group(ranks, timeout=timeout)  # views share equal groups
                 if rank in ranks:
                     groups[name], members[name] = created.get(key), ranks
-        coords = {axis: members[name].index(rank) for axis, name in COORDINATES.items()}
-        return cls(sizes, rank, coords, groups, members)
+        return cls(sizes, rank, groups, members)
 
     @classmethod
     def single(cls) -> "Topology":
@@ -183,19 +177,19 @@ class Topology:
 
     @property
     def tp_rank(self) -> int:
-        return self.coords["tp"]
+        return self.index_in("tp")
 
     @property
     def cp_rank(self) -> int:
-        return self.coords["cp"]
+        return self.index_in("cp")
 
     @property
     def dp_rank(self) -> int:
-        return self.coords["dp"]
+        return self.index_in("dp")
 
     @property
     def pp_rank(self) -> int:
-        return self.coords["pp"]
+        return self.index_in("pp")
 
     @property
     def tp_group(self):
@@ -222,11 +216,13 @@ class Topology:
         return self.pp_rank == self.pp - 1
 
     def index_in(self, group: str) -> int:
-        """This rank's position in its group named `group` (for example "dp-cp", "etp", "edp")."""
+        """This rank's position in its group named `group`: its coordinate on that axis, in the dense view (tp,
+        cp, dp, pp, dp-cp) or the expert view (ep, etp, edp)."""
         return self.members[group].index(self.rank)
 
     def layout(self) -> dict:
-        """The sizes that shape every rank's state; a checkpoint saved with another layout is refused."""
+        """The sizes that shape every rank's state, recorded in each checkpoint: a resume in another layout
+        reshards it and reports what changed."""
         s = self.sizes
         return {"world": s.world, "tp": s.tp, "cp": s.cp, "pp": s.pp, "dp": s.dp, "ep": s.ep, "etp": s.expert_tp,
                 "order": s.order, "sequence_parallel": self.sequence_parallel}

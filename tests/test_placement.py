@@ -72,7 +72,7 @@ def test_the_gradient_norm_counts_every_element_once(every_rank):
 
 def test_each_kind_of_parameter_says_where_it_lives(every_rank):
     topology, stage, placements = every_rank[3]  # tp 1, dp 1, pp 0; etp 1, ep 1
-    assert (topology.tp_rank, topology.pp_rank, topology.coords["etp"], topology.coords["ep"]) == (1, 0, 1, 1)
+    assert (topology.tp_rank, topology.pp_rank, topology.index_in("etp"), topology.index_in("ep")) == (1, 0, 1, 1)
     qkv = placements["layers.0.attention.qkv.weight"]  # column-parallel: output rows split over TP
     assert qkv.global_shape == (64, 32) and qkv.local_slices() == (slice(32, 64), slice(0, 32))
     out = placements["layers.0.attention.out.weight"]  # row-parallel: input columns

@@ -46,7 +46,7 @@ def test_impossible_layouts(sizes, message):
 
 def test_coordinates_and_describe():
     topo = Topology.build(Sizes(world=8, tp=2, cp=2), 6, create_groups=False)
-    assert (topo.tp_rank, topo.cp_rank, topo.dp_rank, topo.coords["dp_cp"]) == (0, 1, 1, 3)
+    assert (topo.tp_rank, topo.cp_rank, topo.dp_rank, topo.index_in("dp-cp")) == (0, 1, 1, 3)
     text = describe(Sizes(world=8, tp=2, cp=2))
     assert "    6 |   0   1   1   0 |   0   0   3" in text
     assert "dp-cp groups: [0, 2, 4, 6] [1, 3, 5, 7]" in text

@@ -34,7 +34,7 @@ class Experts(nn.Module):
         etp = sizes.expert_tp
         ffn, hidden = moe.ffn_hidden_size or cfg.ffn_size, cfg.hidden_size
         self.swiglu = cfg.activation == "swiglu"
-        ep_rank, etp_rank = topology.coords["ep"], topology.coords["etp"]
+        ep_rank, etp_rank = topology.index_in("ep"), topology.index_in("etp")
 
         def stack(rows: int, columns: int, etp_dim: int) -> nn.Parameter:
             """This rank's experts of a [num_experts, rows, columns] stack, dim `etp_dim` split over ETP."""
