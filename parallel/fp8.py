@@ -35,12 +35,14 @@ layout computes, bit for bit, the pieces one FP8 rank computes (partial sums asi
 
 The CUDA kernel's rules (row-major first operand, column-major second, dimensions multiples of 16,
 fp32 scales of the right shapes) are checked here on every device: the CPU kernel accepts more, and
-what passes on the CPU must run on the GPU. Where torch has no CPU kernel (the grouped scaled matmul)
-the same operands are dequantized and multiplied in fp32: the same numbers up to summation order.
+what passes on the CPU must run on the GPU. Where torch has no CPU kernel (the grouped scaled matmul, and
+the rowwise one before torch 2.13) the same operands are dequantized and multiplied in fp32: the same numbers
+up to summation order.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -152,7 +154,21 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torc
     """(a / scale_a) @ (b / scale_b), a [M, K] row-major FP8, b [K, N] column-major FP8; `inv_*` are the inverse
     scales (tensorwise: scalars; rowwise: [M, 1] and [1, N])."""
     check_cuda_rules(a, b, inv_a, inv_b, out_dtype=out_dtype, what=what)
+    if a.device.type == "cpu" and inv_a.numel() > 1 and not cpu_rowwise_kernel():
+        return ((a.float() * inv_a) @ (b.float() * inv_b)).to(out_dtype)
     return torch._scaled_mm(a, b, inv_a, inv_b, out_dtype=out_dtype)
+
+
+@functools.cache
+@torch.compiler.disable
+def cpu_rowwise_kernel() -> bool:
+    """Whether torch's CPU `_scaled_mm` takes rowwise scales (2.13 does; 2.11 asserts that it is tensorwise only)."""
+    a, b = torch.zeros(16, 16, dtype=E4M3), torch.zeros(16, 16, dtype=E4M3).t()
+    try:
+        torch._scaled_mm(a, b, torch.ones(16, 1), torch.ones(1, 16), out_dtype=OUT_DTYPE)
+    except RuntimeError:
+        return False
+    return True
 
 
 def grouped_kernel_available(device: torch.device) -> bool:

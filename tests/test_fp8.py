@@ -108,6 +108,23 @@ def test_cuda_rules_are_enforced_on_the_cpu():
                               torch.ones(2, 16), torch.tensor([4, 8], dtype=torch.int32), what="grouped")
 
 
+def test_rowwise_without_a_cpu_kernel_multiplies_the_dequantized_operands(monkeypatch):
+    """Before torch 2.13 the CPU `_scaled_mm` is tensorwise only: the fallback must give what the kernel gives (here
+    checked against the kernel where this torch has it, else against the fp32 product of the dequantized values)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(32, 48).to(E4M3), torch.randn(16, 48).to(E4M3).t()
+    inv_a, inv_b = torch.rand(32, 1) + 0.5, torch.rand(1, 16) + 0.5
+    monkeypatch.setattr(fp8, "cpu_rowwise_kernel", lambda: False)
+    fallback = fp8.scaled_mm(a, b, inv_a, inv_b, out_dtype=torch.bfloat16, what="fallback")
+    monkeypatch.undo()
+    if fp8.cpu_rowwise_kernel():
+        expected = fp8.scaled_mm(a, b, inv_a, inv_b, out_dtype=torch.bfloat16, what="kernel")
+    else:
+        expected = ((a.double() * inv_a.double()) @ (b.double() * inv_b.double())).to(torch.bfloat16)
+    assert fallback.dtype == torch.bfloat16
+    torch.testing.assert_close(fallback, expected, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- the GEMMs against fp32
 
 RECIPES = [Fp8Recipe(), Fp8Recipe(format="e4m3"), Fp8Recipe(scaling="rowwise", format="e4m3"),
