@@ -51,7 +51,8 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
     import torch
 
     from launch.estimate import (
-        activation_bytes, activation_terms, human_bytes, kv_cache_bytes, parameters_per_tp_rank, state_bytes,
+        activation_terms, chunk_recomputation, human_bytes, kv_cache_bytes, parameters_per_tp_rank,
+        peak_activation_bytes, state_bytes,
     )
     from parallel.pipeline import PipelineSchedule, bubble_fraction, describe_chunks, pipeline_chunks
     from parallel.topology import Topology, TopologyError, describe
@@ -101,16 +102,17 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
     rows = cfg.train.micro_batch_size * (rlp.group_size * rlp.positions_per_sequence if rlp else 1)
 
     def activations(stage: int) -> tuple[float, float]:
-        """(activations, the autocast weight copies among them) of one of this stage's chunks, with the micro-batch
-        chunks the schedule keeps alive there (1F1B: p - s); the embedding and output terms are counted on every
-        stage (an overestimate)."""
-        chunk_model = dataclasses.replace(m, num_layers=max(len(r) for r in chunks[stage]))
+        """(activations, the autocast weight copies among them) of this stage: each chunk's terms, with the layers
+        it recomputes, walked through the stage's order of forwards and backwards (1F1B keeps p - s micro-batches
+        alive); the embedding and output terms are counted in every chunk (an overestimate)."""
         shapes = dict(tp=p.tensor, cp=p.context, sequence_parallel=p.sequence_parallel and p.tensor > 1,
                       element_bytes=element_bytes, residual_bytes=WEIGHT_BYTES, ep=sizes.ep, etp=sizes.expert_tp)
-        in_flight = schedule.most_in_flight(stage)
-        terms = activation_terms(chunk_model, rows, vocab_size, **shapes)
-        copies = terms["weight_copies"] if chunk_model.recompute != "none" else terms["weight_copies"] * in_flight
-        return activation_bytes(chunk_model, rows, vocab_size, **shapes, in_flight=in_flight), copies
+        terms = [activation_terms(chunk_model, rows, vocab_size, **shapes)
+                 for chunk_model in chunk_recomputation(m, [len(r) for r in chunks[stage]])]
+        order = [(action.chunk, action.backward) for action in schedule.orders[stage]]
+        copies = [{**t, "kept": t["kept_copies"], "forward": t["weight_copies"] - t["kept_copies"], "backward": 0.0}
+                  for t in terms]
+        return peak_activation_bytes(terms, order), peak_activation_bytes(copies, order)
 
     lines += [
         "", "memory per rank, an estimate (see launch/estimate.py; buffers and fragmentation not included):",

@@ -10,7 +10,7 @@ context and temporary tensors are not included, so leave headroom.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -179,7 +179,34 @@ def activation_bytes(
     """
     t = activation_terms(m, micro_batch, vocab_size, tp=tp, cp=cp, sequence_parallel=sequence_parallel,
                          element_bytes=element_bytes, residual_bytes=residual_bytes, ep=ep, etp=etp)
-    return t["kept"] * in_flight + max(t["forward"], t["backward"])
+    return peak_activation_bytes([t], [(0, False)] * in_flight)
+
+
+def peak_activation_bytes(chunk_terms: list[dict[str, float]], order) -> float:
+    """The peak of a stage whose chunks have `activation_terms` `chunk_terms`, run in `order`, (chunk, backward)
+    pairs (a pipeline stage's order of forwards and backwards): the most bytes the forwards kept alive at once,
+    plus the worst transient of any chunk (an upper bound: it may come at another moment)."""
+    alive = most = 0.0
+    for chunk, backward in order:
+        alive += (-1 if backward else 1) * chunk_terms[chunk]["kept"]
+        most = max(most, alive)
+    return most + max(max(t["forward"], t["backward"]) for t in chunk_terms)
+
+
+def chunk_recomputation(m: ModelConfig, chunk_layers: list[int]) -> list[ModelConfig]:
+    """The model section of each chunk of a stage (`chunk_layers`: the layers of each), sized to the chunk, with the
+    recomputation it does: `full` with `recompute_layers` recomputes the first that many layers of the stage, so
+    chunk 0's first, as pretrain/model/gpt.py does."""
+    left = m.recompute_layers or sum(chunk_layers)
+    models = []
+    for layers in chunk_layers:
+        if m.recompute != "full":
+            models.append(replace(m, num_layers=layers))
+            continue
+        recomputed, left = min(layers, left), left - min(layers, left)
+        models.append(replace(m, num_layers=layers, recompute="full" if recomputed else "none",
+                              recompute_layers=recomputed or None))
+    return models
 
 
 def activation_terms(
@@ -188,7 +215,7 @@ def activation_terms(
 ) -> dict[str, float]:
     """The terms of `activation_bytes` (see there): bytes `kept` by one micro-batch after its forward, the
     `forward` and `backward` transients on top of them, and `weight_copies`, the autocast copies among them
-    (those kept plus those of the recomputed layers), for the report."""
+    (`kept_copies`, those of the layers not recomputed, plus those of the recomputed layers), for the report."""
     s, b, S = m.seq_length // cp, micro_batch, m.seq_length
     h, f, g, a = m.hidden_size, m.ffn_size, m.query_groups, m.num_attention_heads
     d = m.head_size
@@ -243,8 +270,9 @@ def activation_terms(
     backward = max(plain - kept_by(plain, selective) + copy + extra for _, plain, selective, copy, extra in kinds) \
         - output \
         if recomputed else 0.0  # the output terms are freed before the last layer's backward
+    kept_copies = sum(n * (1 - share) * copy for n, _, _, copy, _ in kinds)
     return {"kept": float(kept), "forward": float(logits + recomputed_copies), "backward": float(backward),
-            "weight_copies": float(sum(n * (1 - share) * copy for n, _, _, copy, _ in kinds) + recomputed_copies)}
+            "weight_copies": float(kept_copies + recomputed_copies), "kept_copies": float(kept_copies)}
 
 
 def layer_matmul_weights(m: ModelConfig, *, tp: int = 1, ep: int = 1, etp: int = 1) -> tuple[float, float]:

@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT
 from launch.__main__ import main
 from launch.estimate import (
-    activation_bytes, count_parameters, human_bytes, parameters_per_tp_rank, routed_pairs, state_bytes,
+    activation_bytes, activation_terms, chunk_recomputation, count_parameters, human_bytes, parameters_per_tp_rank,
+    peak_activation_bytes, routed_pairs, state_bytes,
 )
 from parallel.topology import Topology
 from pretrain.config import ModelConfig
@@ -171,6 +172,42 @@ def test_activation_bytes_with_recomputation_by_hand():
     assert activation_bytes(one, 1, 16, element_bytes=4) == 3 * 2432 + 128 + 592 + 1840
     # two micro-batches in flight hold twice what one keeps; the transient counts once
     assert activation_bytes(one, 1, 16, element_bytes=4, in_flight=2) == 2 * (3 * 2432 + 128 + 592) + 1840
+
+
+def test_recompute_layers_counts_per_stage_under_interleaving():
+    """`model.recompute_layers` recomputes the first layers of a stage (chunk 0's first, as the model does); the peak
+    walks the stage's order, each micro-batch chunk holding its own chunk's terms."""
+    m = ModelConfig(num_layers=8, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
+                    seq_length=4, recompute="full", recompute_layers=3)
+    chunks = chunk_recomputation(m, [2, 2])
+    assert [(c.num_layers, c.recompute, c.recompute_layers) for c in chunks] == [(2, "full", 2), (2, "full", 1)]
+    none = chunk_recomputation(dataclasses.replace(m, recompute_layers=2), [2, 2])
+    assert [(c.recompute, c.recompute_layers) for c in none] == [("full", 2), ("none", None)]
+    assert [c.recompute for c in chunk_recomputation(dataclasses.replace(m, recompute="selective"), [2, 2])] == [
+        "selective", "selective"]
+    # kept 1 and 10 by chunks 0 and 1; the transients 5 (chunk 0) and 3 (chunk 1)
+    terms = [{"kept": 1.0, "forward": 5.0, "backward": 0.0}, {"kept": 10.0, "forward": 0.0, "backward": 3.0}]
+    order = [(0, False), (0, False), (1, False), (1, True), (1, False), (0, True), (1, True), (0, True)]
+    assert peak_activation_bytes(terms, order) == 12 + 5  # 1 + 1 + 10 alive after the third forward
+    # one chunk in flight n times is activation_bytes' kept * n + transient
+    one = dataclasses.replace(m, num_layers=4, recompute_layers=1)
+    t = activation_terms(one, 1, 16, element_bytes=4)
+    assert peak_activation_bytes([t], [(0, False)] * 3) == activation_bytes(one, 1, 16, element_bytes=4, in_flight=3)
+
+
+def test_dry_run_recomputes_the_first_layers_of_an_interleaved_stage(capsys, tmp_path):
+    """PP2 x VP2 of 8 layers: 2 chunks of 2 layers per stage. recompute_layers=2 recomputes chunk 0 only, so the
+    estimate lies between recomputing all 4 and none (it used to count 2 of each chunk: all of them)."""
+    def activations(*overrides):
+        code = main(["--dry-run", QUICKSTART, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                     "model.num_layers=8", *overrides, "--world-size", "2", "--json", str(path)])
+        capsys.readouterr()
+        assert code == 0
+        return json.loads(path.read_text())["memory_per_rank"][0]["activations"]
+
+    path = tmp_path / "estimate.json"
+    every, half = activations("model.recompute=full"), activations("model.recompute=full", "model.recompute_layers=2")
+    assert every < half < activations("model.recompute=none")
 
 
 def test_human_bytes():
