@@ -1,7 +1,10 @@
 """tools.device_check on the CPU: it writes its JSON and report, and the report table holds every benchmark row
 (the GPU run itself is what the tool is for; here it only checks its own plumbing)."""
 
+import ast
 import json
+import re
+from pathlib import Path
 
 from tools import device_check
 
@@ -13,6 +16,24 @@ def test_writes_the_environment_and_an_empty_report_without_a_gpu(tmp_path, caps
     assert {"torch", "cuda_available", "transformers", "apex", "transformer_engine"} <= set(results["environment"])
     assert (tmp_path / "report.txt").read_text().startswith("device check, ")
     assert capsys.readouterr().out.startswith("device check, ")
+
+
+def test_core_modules_are_setup_py_install_requires():
+    """CORE_MODULES must name every dependency of setup.py, so that a device without one is told."""
+    tree = ast.parse((Path(device_check.ROOT) / "setup.py").read_text())
+    requires = next(k.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                    for k in node.keywords if k.arg == "install_requires")
+    names = {re.split(r"[<>=!\[ ]", ast.literal_eval(e))[0] for e in requires.elts}
+    assert names == set(device_check.CORE_MODULES)
+    assert device_check.missing_dependencies() == []  # the test environment has them all
+
+
+def test_a_missing_dependency_is_named_in_the_report(monkeypatch):
+    monkeypatch.setitem(device_check.CORE_MODULES, "megatron-core", "megatron_not_there.core")
+    env = device_check.environment()
+    assert env["missing"] == ["megatron-core"]
+    text = device_check.report({"environment": env})
+    assert text.splitlines()[1].startswith("MISSING core dependencies: megatron-core")
 
 
 def test_the_cuda_test_files_are_found():

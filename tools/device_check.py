@@ -19,6 +19,7 @@ to 10 minutes, the expected time is under 8 (`--steps`, `--presets` and `--skip-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -33,6 +34,11 @@ PRESETS = ("gpt2_small", "llama_1b", "moe_1b")
 # per command at worst (expected: well under 8). The compiled 1B one measures FP8 too, a second model.
 TESTS_SECONDS, ESTIMATE_SECONDS = 100, 12
 BENCH_SECONDS = {"gpt2_small": 130, "llama_1b": 160, "moe_1b": 90, "llama_1b_recompute": 70}
+# setup.py's install_requires, by the module each provides. A bare CUDA image may lack some (megatron-core and
+# zstandard, say); the tests that read data then fail, so the report names what is missing before anything else.
+CORE_MODULES = {"torch": "torch", "megatron-core": "megatron.core", "numpy": "numpy", "pyyaml": "yaml",
+                "tensorboard": "tensorboard", "tqdm": "tqdm", "tokenizers": "tokenizers",
+                "sentencepiece": "sentencepiece", "zstandard": "zstandard", "safetensors": "safetensors"}
 
 
 def run(command: list[str], *, timeout: float, log: Path) -> dict:
@@ -61,7 +67,8 @@ def environment() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(), "date": time.strftime("%Y-%m-%d")}
+            "cuda_available": torch.cuda.is_available(), "date": time.strftime("%Y-%m-%d"),
+            "missing": missing_dependencies()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
@@ -72,6 +79,19 @@ def environment() -> dict:
         except Exception as err:  # noqa: BLE001 - transformer_engine raises RuntimeError without its CUDA core
             info[module] = f"unavailable ({type(err).__name__})"
     return info
+
+
+def missing_dependencies() -> list[str]:
+    """The core dependencies that are not installed (found without importing them: megatron-core takes seconds)."""
+    missing = []
+    for package, module in CORE_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package of a dotted name is absent
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
 
 
 def micro_batch(preset: str) -> int:
@@ -118,7 +138,11 @@ def _load(path: Path):
 def report(results: dict) -> str:
     env = results["environment"]
     lines = [f"device check, {env.get('date')}: {env.get('device', 'no CUDA device')}, torch {env['torch']} "
-             f"(CUDA {env['cuda']}), transformers {env['transformers']}, apex {env['apex']}", ""]
+             f"(CUDA {env['cuda']}), transformers {env['transformers']}, apex {env['apex']}"]
+    if env.get("missing"):
+        lines.append(f"MISSING core dependencies: {', '.join(env['missing'])} (pip install them; the tests that need "
+                     "them fail)")
+    lines.append("")
     tests = results.get("tests")
     if tests:
         lines += [f"CUDA tests: {' | '.join(tests['tail'])} ({tests['seconds']} s)", ""]
