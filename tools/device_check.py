@@ -193,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {"environment": environment()}
     if not args.skip_tests:
-        results["tests"] = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                *cuda_test_files()], timeout=TESTS_SECONDS, log=out / "tests.log")
+        # -v names each test as it ends, so a run stopped at its limit still says which passed; a test that hangs
+        # (a collective) has its threads' stacks dumped into the log after 45 s
+        results["tests"] = run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-o",
+                                "faulthandler_timeout=45", *cuda_test_files()], timeout=TESTS_SECONDS,
+                               log=out / "tests.log")
     if not args.skip_bench:
         results["benchmarks"] = benchmarks(presets, steps=args.steps, out=out)
     (out / "device_check.json").write_text(json.dumps(results, indent=1))
