@@ -238,7 +238,7 @@ class Trainer:
             flops_per_token=model_flops_per_token(cfg.model, vocab_size),
             peak_tflops=peak_tflops(self.device, cfg.precision.dtype, cfg.logging.peak_tflops),
             resume_step=self.step if self.resume_from else None, loss_window=meta.get("loss_window", []),
-            precision=fp8_model.precision_label(cfg.precision) if self.fp8 is not None else cfg.precision.dtype,
+            precision=fp8_model.precision_label(cfg.precision.fp8) if self.fp8 is not None else cfg.precision.dtype,
         )
 
     def _build_rlp(self) -> rlp_objective.RLP:

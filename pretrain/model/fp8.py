@@ -181,7 +181,7 @@ def apply_fp8(model: nn.Module, fp8_cfg, topology: Topology, *, num_layers: int,
                     module.fp8[weight_name] = gemms[f"{name}.{weight_name}"] = gemm
                     weights[f"{name}.{weight_name}"] = getattr(module, weight_name)
                     experts += 1
-    description = (f"FP8 {fp8_cfg.backend} {fp8_cfg.recipe} {fp8_cfg.format}: {dense} dense GEMM weights"
+    description = (f"{precision_label(fp8_cfg)}: {dense} dense GEMM weights"
                    + (f", {experts} expert stacks (rowwise)" if experts else "")
                    + (f"; experts stay bf16 ({experts_bf16[0]})" if experts_bf16 else ""))
     return Fp8Feature(gemms, weights, topology, fp8_cfg=fp8_cfg, description=description, autocast=autocast)
@@ -198,10 +198,10 @@ def _experts_problem(experts: Experts, device: torch.device) -> Optional[str]:
     return None
 
 
-def precision_label(precision_cfg) -> str:
-    """How the console line and metrics.jsonl name an FP8 run's precision."""
-    f = precision_cfg.fp8
-    return f"fp8 {f.backend} {f.recipe} {f.format}"
+def precision_label(fp8_cfg) -> str:
+    """The name of an FP8 run's precision (`precision.fp8`), in the console line, metrics.jsonl and, with what it
+    converted, the start-up lines."""
+    return f"fp8 {fp8_cfg.backend} {fp8_cfg.recipe} {fp8_cfg.format}"
 
 
 def describe(feature: Optional[Fp8Feature], dtype: str) -> str:
