@@ -106,9 +106,16 @@ class MoE(nn.Module):
         batch, seq, hidden = x.shape
         tokens = x.reshape(-1, hidden)
         probs, routing_map = self.router(tokens, batch)
-        routed, tokens_per_expert, routed_probs = self.dispatcher.dispatch(tokens, probs, routing_map)
-        y = self.dispatcher.combine(self.experts(routed, tokens_per_expert, routed_probs)).view(batch, seq, hidden)
+        y = self.routed(tokens, probs, routing_map).view(batch, seq, hidden)
         return y.to(x.dtype) + self.shared(x) if self.shared is not None else y.to(x.dtype)
+
+    @torch.compiler.disable
+    def routed(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        """Dispatch, experts, combine: eager inside a compiled layer (`train.compile`). Their host copies, CUDA
+        events and collectives are not for dynamo to trace, the split sizes change every step (each a recompile),
+        and inductor's grouped matmul takes bf16 only, where the CPU's eager one also takes fp32."""
+        routed, tokens_per_expert, routed_probs = self.dispatcher.dispatch(tokens, probs, routing_map)
+        return self.dispatcher.combine(self.experts(routed, tokens_per_expert, routed_probs))
 
 
 class MoEFeature(ModelFeature):
