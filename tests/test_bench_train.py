@@ -172,3 +172,30 @@ def test_fp8_rows_next_to_bf16_and_a_backend_that_cannot_run_gets_a_note(tmp_pat
     report = json.loads(out_json.read_text())
     assert KEYS <= set(report["fp8"]["torch"]) and set(report["fp8_notes"]) == {"te"}
     assert report["fp8"]["torch"]["params"] == report["foldtron"]["params"]
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="the baseline needs transformers")
+def test_a_crash_after_foldtrons_row_keeps_it_and_fails_the_run(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """A kernel or memory failure in the FP8 or baseline measurement (not bad input) becomes that row's note and
+    exit status 1; foldtron's row was already in the JSON before either started (a time limit keeps it)."""
+    out_json = tmp_path / "bench.json"
+    seen = []
+
+    def broken(*args, **kwargs):
+        seen.append(json.loads(out_json.read_text()))  # what a run killed here would leave
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(bench_train, "run_baseline", broken)
+    real = bench_train.measure_foldtron
+    monkeypatch.setattr(bench_train, "measure_foldtron", lambda args, overrides, *rest: (
+        broken() if "precision.fp8.enabled=true" in overrides else real(args, overrides, *rest)))
+    code = bench_train.main([config_file(tmp_path, tiny_corpus), "data.synthetic=true", "precision.dtype=bf16",
+                             "--warmup", "1", "--steps", "1", "--fp8", "torch", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "FP8 torch: not measured (failed: CUDA error: an illegal memory access was encountered more)" in captured.out
+    assert "baseline: failed: CUDA error" in captured.out and "Traceback" in captured.err
+    assert KEYS <= set(seen[0]["foldtron"]) and seen[0]["fp8_notes"] == {"torch": "not measured yet"}
+    report = json.loads(out_json.read_text())
+    assert KEYS <= set(report["foldtron"]) and report["baseline"] is None
+    assert report["baseline_note"].startswith("failed: CUDA error") and report["fp8"] == {}

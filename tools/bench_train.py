@@ -38,11 +38,14 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from typing import Callable, Optional
 
 import torch
 
-from pretrain.cli import USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, parse_command, run_tool
+from pretrain.cli import (
+    USER_ERRORS, ArgumentParser, UsageError, config_and_overrides, one_line, parse_command, run_tool,
+)
 
 USAGE = ("usage: python -m tools.bench_train CONFIG.yaml [section.key=value ...] [--warmup N] [--steps M] "
          "[--json PATH] [--peak-tflops X] [--no-baseline] [--fp8 torch,te]")
@@ -330,14 +333,25 @@ def measure_fp8(args: argparse.Namespace, world_size: int, rank: int, *, shape: 
         except USER_ERRORS as err:
             notes[backend] = str(err).splitlines()[0]
             continue
+        except Exception as err:  # noqa: BLE001 - a kernel or memory failure costs this row, not the others
+            notes[backend] = failed(err)
+            continue
         finally:
             release(device)
         rows[backend] = measured.row(**shape)
     return rows, notes
 
 
-def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
-    """Both measurements and the report (the same on every rank; rank 0's numbers)."""
+def failed(err: Exception) -> str:
+    """The note of a measurement that crashed; its traceback goes to stderr (the log of a device check)."""
+    traceback.print_exc()
+    return f"failed: {one_line(err)}"
+
+
+def benchmark(args: argparse.Namespace, world_size: int, rank: int, *,
+              publish: Callable[[dict], None] = lambda report: None) -> dict:
+    """Every measurement and the report (the same on every rank; rank 0's numbers). `publish(report)` is called
+    after each measurement with the report so far, so that a run stopped later (a time limit) keeps them."""
     from pretrain.metrics import model_flops_per_token, peak_tflops
 
     foldtron, ctx = measure_foldtron(args, args.overrides, world_size, rank)
@@ -347,10 +361,24 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
     peak = peak_tflops(device, cfg.precision.dtype, args.peak_tflops or cfg.logging.peak_tflops)
     shape = {"tokens_per_step": t.global_batch_size * m.seq_length, "devices": world_size,
              "flops_per_token": model_flops_per_token(m, ctx["vocab_size"]), "peak": peak}
-    fp8_rows, fp8_notes = measure_fp8(args, world_size, rank, shape=shape, device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {
+        "config": args.path, "overrides": args.overrides, "device": f"{device} ({name})" if device.type == "cuda"
+        else "cpu", "world_size": world_size, "dtype": cfg.precision.dtype, "compile": t.compile,
+        "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
+        "micro_batches": ctx["micro_batches"], "seq_length": m.seq_length, "tokens_per_step": shape["tokens_per_step"],
+        "flops_per_token": shape["flops_per_token"], "peak_tflops": peak, "warmup_steps": args.warmup,
+        "timed_steps": args.steps, "description": ctx["description"], "foldtron": foldtron.row(**shape),
+        "baseline": None, "baseline_note": "not measured yet", "cuda_memory_left_by_foldtron_gib": None,
+        "fp8": {}, "fp8_notes": {backend: "not measured yet" for backend in args.fp8},
+    }
+    publish(report)
+    report["fp8"], report["fp8_notes"] = measure_fp8(args, world_size, rank, shape=shape, device=device)
+    publish(report)
     # what foldtron left allocated, counted in the baseline's peak (0 unless something holds on to its tensors)
-    left_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    baseline, note = None, baseline_problem(cfg, world_size)
+    report["cuda_memory_left_by_foldtron_gib"] = (torch.cuda.memory_allocated(device) / 2**30
+                                                  if device.type == "cuda" else None)
+    note = baseline_problem(cfg, world_size)
     note = f"not comparable ({note})" if note else ("skipped (--no-baseline)" if args.no_baseline else None)
     if note is None:
         try:
@@ -358,23 +386,22 @@ def benchmark(args: argparse.Namespace, world_size: int, rank: int) -> dict:
         except ImportError:
             note = 'skipped: transformers is not installed (pip install -e ".[bench]")'
     if note is None:
-        baseline = run_baseline(cfg, device, vocab_size=ctx["vocab_size"], tokenizer_vocab=ctx["tokenizer_vocab"],
-                                micro_batches=ctx["micro_batches"], warmup=args.warmup, steps=args.steps).row(**shape)
-        release(device)
-        if baseline["params"] != foldtron.params:
-            note = (f"its {baseline['params']:,} parameters differ from foldtron's {foldtron.params:,} "
-                    "(a config field the baseline does not map)")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "config": args.path, "overrides": args.overrides, "device": f"{device} ({name})" if device.type == "cuda"
-        else "cpu", "world_size": world_size, "dtype": cfg.precision.dtype, "compile": t.compile,
-        "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
-        "micro_batches": ctx["micro_batches"], "seq_length": m.seq_length, "tokens_per_step": shape["tokens_per_step"],
-        "flops_per_token": shape["flops_per_token"], "peak_tflops": peak, "warmup_steps": args.warmup,
-        "timed_steps": args.steps, "description": ctx["description"], "foldtron": foldtron.row(**shape),
-        "baseline": baseline, "baseline_note": note, "cuda_memory_left_by_foldtron_gib": left_gib,
-        "fp8": fp8_rows, "fp8_notes": fp8_notes,
-    }
+        try:
+            baseline = run_baseline(cfg, device, vocab_size=ctx["vocab_size"], tokenizer_vocab=ctx["tokenizer_vocab"],
+                                    micro_batches=ctx["micro_batches"], warmup=args.warmup,
+                                    steps=args.steps).row(**shape)
+        except Exception as err:  # noqa: BLE001 - as measure_fp8's
+            note = failed(err)
+        else:
+            report["baseline"] = baseline
+            if baseline["params"] != foldtron.params:
+                note = (f"its {baseline['params']:,} parameters differ from foldtron's {foldtron.params:,} "
+                        "(a config field the baseline does not map)")
+        finally:
+            release(device)
+    report["baseline_note"] = note
+    publish(report)
+    return report
 
 
 def main(argv: list[str]) -> int:
@@ -382,16 +409,22 @@ def main(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
 
+    crashed = []
+
+    def write_json(report: dict) -> None:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in report.items() if k != "description"}, f, indent=2)
+            f.write("\n")
+
     def work(world_size: int, rank: int) -> None:
-        report = benchmark(args, world_size, rank)
+        publish = write_json if rank == 0 and args.json_path else (lambda report: None)
+        report = benchmark(args, world_size, rank, publish=publish)
+        notes = [report["baseline_note"] or "", *report["fp8_notes"].values()]
+        crashed.extend(note for note in notes if note.startswith("failed: "))
         if rank == 0:
             print(report["description"] + "\n\n" + table(report), flush=True)
-            if args.json_path:
-                with open(args.json_path, "w", encoding="utf-8") as f:
-                    json.dump({k: v for k, v in report.items() if k != "description"}, f, indent=2)
-                    f.write("\n")
 
-    return run_tool("bench_train", work)
+    return run_tool("bench_train", work) or (1 if crashed else 0)
 
 
 if __name__ == "__main__":
