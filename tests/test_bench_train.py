@@ -176,7 +176,7 @@ def test_fp8_rows_next_to_bf16_and_a_backend_that_cannot_run_gets_a_note(tmp_pat
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="the baseline needs transformers")
 def test_a_crash_after_foldtrons_row_keeps_it_and_fails_the_run(tmp_path, tiny_corpus, capsys, monkeypatch):
-    """A kernel or memory failure in the FP8 or baseline measurement (not bad input) becomes that row's note and
+    """A kernel or memory failure in the baseline or FP8 measurement (not bad input) becomes that row's note and
     exit status 1; foldtron's row was already in the JSON before either started (a time limit keeps it)."""
     out_json = tmp_path / "bench.json"
     seen = []
@@ -196,6 +196,7 @@ def test_a_crash_after_foldtrons_row_keeps_it_and_fails_the_run(tmp_path, tiny_c
     assert "FP8 torch: not measured (failed: CUDA error: an illegal memory access was encountered more)" in captured.out
     assert "baseline: failed: CUDA error" in captured.out and "Traceback" in captured.err
     assert KEYS <= set(seen[0]["foldtron"]) and seen[0]["fp8_notes"] == {"torch": "not measured yet"}
+    assert seen[1]["baseline_note"].startswith("failed: ")  # the baseline, the comparison, is measured before FP8
     report = json.loads(out_json.read_text())
     assert KEYS <= set(report["foldtron"]) and report["baseline"] is None
     assert report["baseline_note"].startswith("failed: CUDA error") and report["fp8"] == {}
