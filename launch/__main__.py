@@ -110,7 +110,7 @@ def dry_run(path: str, overrides: list[str], world_size: int, *, memory: list | 
         terms = [activation_terms(chunk_model, rows, vocab_size, **shapes)
                  for chunk_model in chunk_recomputation(m, [len(r) for r in chunks[stage]])]
         order = [(action.chunk, action.backward) for action in schedule.orders[stage]]
-        copies = [{**t, "kept": t["kept_copies"], "forward": t["weight_copies"] - t["kept_copies"], "backward": 0.0}
+        copies = [{"kept": t["kept_copies"], "forward": t["weight_copies"] - t["kept_copies"], "backward": 0.0}
                   for t in terms]
         return peak_activation_bytes(terms, order), peak_activation_bytes(copies, order)
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ("gpt2_small", "llama_1b", "moe_1b")
@@ -44,16 +45,23 @@ CORE_MODULES = {"torch": "torch", "megatron-core": "megatron.core", "numpy": "nu
                 "sentencepiece": "sentencepiece", "zstandard": "zstandard", "safetensors": "safetensors"}
 
 
-def start(command: list[str], *, log: Path) -> tuple[subprocess.Popen, float]:
+class Started(NamedTuple):
+    process: subprocess.Popen
+    begun: float  # time.perf_counter() at its start
+    log: Path  # where its stdout and stderr go
+
+
+def start(command: list[str], *, log: Path) -> Started:
     """Start `command` from the repository root, its output (stdout and stderr) going to `log`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w") as f:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return Started(process, time.perf_counter(), log)
 
 
-def wait(started: tuple[subprocess.Popen, float], *, timeout: float, log: Path) -> dict:
+def wait(started: Started, *, timeout: float) -> dict:
     """Wait for a started command at most `timeout` seconds from its start (then kill it); its status and time."""
-    process, begun = started
+    process, begun, log = started
     try:
         code = process.wait(timeout=max(0.0, timeout - (time.perf_counter() - begun)))
     except subprocess.TimeoutExpired:
@@ -67,7 +75,7 @@ def wait(started: tuple[subprocess.Popen, float], *, timeout: float, log: Path) 
 
 def run(command: list[str], *, timeout: float, log: Path) -> dict:
     """Run `command` from the repository root; keep its output in `log`; return its status and time."""
-    return wait(start(command, log=log), timeout=timeout, log=log)
+    return wait(start(command, log=log), timeout=timeout)
 
 
 def cuda_test_files() -> list[str]:
@@ -139,7 +147,7 @@ def benchmarks(presets: list[str], *, steps: int, out: Path) -> list[dict]:
         step = run([sys.executable, "-m", "tools.bench_train", config, *overrides, *fp8.get(name, []), "--warmup",
                     "3", "--steps", str(steps), "--json", str(bench_json)], timeout=BENCH_SECONDS[name],
                    log=out / f"bench_{name}.log")
-        wait(estimating, timeout=ESTIMATE_SECONDS, log=out / f"estimate_{name}.log")
+        wait(estimating, timeout=ESTIMATE_SECONDS)
         step.update(name=name, bench=_load(bench_json), estimate=_load(estimate_json))
         results.append(step)
     return results
