@@ -76,21 +76,27 @@ def test_an_fp8_layout_matches_one_fp8_rank(tmp_path, tiny_corpus, one_rank, lay
         assert math.isclose(a, b, rel_tol=tol["loss"]), f"step {k + 1}: {a} vs {b}"
 
 
-def test_fp8_trains_the_quickstart_model_like_bf16(tmp_path):
-    """100 steps of the quickstart model (the default config, on the embedded corpus): the mean loss of steps
-    81-100 in FP8 is within 2% of bf16's with the same seed."""
+def test_fp8_trains_a_small_model_like_bf16(tmp_path):
+    """120 steps of a small model on the embedded corpus (2 layers, hidden 64, 64 tokens x 8 sequences in 2
+    micro-batches): the mean loss of steps 101-120 in FP8 is within 0.5% of bf16's with the same seed.
+
+    Measured: 8e-5 apart here (7.6e-4 with hidden 128 and 128 tokens); with the quantization's scales left out
+    (`quantize` without `* scale`) 2.5%. The model is this small because a CPU without native bf16 (AVX2 only)
+    multiplies bf16 matrices ~100x slower than fp32: the quickstart's model took 27 s a step there."""
     from pretrain.config_loading import load_config
 
+    model = ("model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "train.global_batch_size=8",
+             "train.micro_batch_size=4")
     means = {}
     for name, extra in (("bf16", ()), ("fp8", ("precision.fp8.enabled=true",))):
-        cfg = load_config(None, [f"run.dir={tmp_path / name}", "train.iters=100", "eval.interval=0",
+        cfg = load_config(None, [f"run.dir={tmp_path / name}", "train.iters=120", "eval.interval=0",
                                  "checkpoint.interval=0", "checkpoint.save_at_end=false", "logging.interval=1",
-                                 "logging.tensorboard=false", "precision.dtype=bf16", *extra])
+                                 "logging.tensorboard=false", "precision.dtype=bf16", *model, *extra])
         train(cfg)
-        losses = [r["loss"] for r in read_metrics(cfg) if 81 <= r["step"] <= 100]
+        losses = [r["loss"] for r in read_metrics(cfg) if 101 <= r["step"] <= 120]
         assert len(losses) == 20
         means[name] = sum(losses) / len(losses)
-    assert means["fp8"] == pytest.approx(means["bf16"], rel=0.02), means
+    assert means["fp8"] == pytest.approx(means["bf16"], rel=0.005), means
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
