@@ -36,6 +36,7 @@ from pretrain.model import GPT, model_signature, padded_vocab_size
 from pretrain.model import fp8 as fp8_model
 from pretrain.objectives import next_token_loss
 from pretrain.objectives import rlp as rlp_objective
+from pretrain.run_description import describe, indent
 from pretrain.schedule import learning_rate
 
 
@@ -481,73 +482,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def describe(self) -> str:
-        m, t = self.cfg.model, self.cfg.train
-        lines = [
-            f"model: {self.model.num_parameters():,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
-            f"{m.num_attention_heads} heads / {m.query_groups} query groups"
-            + (f" of {m.head_size}" if m.head_size * m.num_attention_heads != m.hidden_size else "")
-            + (", q/k norms" if m.qk_norm else "") + f", vocab {self.vocab_size})",
-            f"data: {len(self.plan.sources)} source(s) in {len(self.plan.schedule.phase_names)} phase(s), "
-            f"{len(self.data.validation)} validation set(s); samples of {m.seq_length + 1} tokens\n"
-            + _indent(self.plan.report()),
-            f"batch: {t.global_batch_size} sequences = {self.tokens_per_step:,} tokens per step, "
-            f"{self.loader.micro_batches_per_step} micro-batches of {t.micro_batch_size}; device {self.device}; "
-            f"precision {fp8_model.describe(self.fp8, self.cfg.precision.dtype)}",
-            f"layout: {self.topology.world_size} rank(s), TP{self.topology.tp} x CP{self.topology.cp} x "
-            f"DP{self.topology.dp} x PP{self.topology.pp}"
-            + (" with sequence parallelism" if self.topology.sequence_parallel else "")
-            + (", distributed optimizer" if self.cfg.optimizer.distributed else "")
-            + (f"; experts ETP{self.topology.sizes.expert_tp} x EP{self.topology.sizes.ep} x "
-               f"EDP{self.topology.sizes.edp}" if m.moe.num_experts else ""),
-            self.describe_kernels(),
-        ]
-        if self.topology.pp > 1:
-            lines.append("pipeline: " + describe_chunks(self.chunks))
-        if not self.data.validation and self.cfg.eval.interval:
-            lines.append(f"validation: none (data.split={self.cfg.data.split!r} leaves no documents for it)")
-        if self.resume_from:
-            lines.append(f"resumed from {self.resume_from} at step {self.step}")
-        if self.resharded_from is not None:
-            now = self.layout()
-            lines.append("  saved in another layout (" + ", ".join(
-                f"{k} {self.resharded_from.get(k)!r} -> {now.get(k)!r}" for k in sorted({*now, *self.resharded_from})
-                if self.resharded_from.get(k) != now.get(k))
-                + "): resharded on load; the random states are reseeded from (seed, step, rank)")
-        if self.init_from:
-            lines.append(f"initialised from {self.init_from} (its weights; a fresh optimizer, schedule and data)")
-        if self.rlp is not None:
-            r = self.cfg.objective.rlp
-            lines.append(f"objective: RLP, {r.group_size} thoughts of up to {r.max_thought_tokens} tokens per context, "
-                         f"{r.positions_per_sequence} context(s) per sample; EMA teacher (tau {r.tau}) "
-                         + ("from the weights at the start" if self.teacher_afresh else "resumed"))
-        if self.fp8_afresh:
-            lines.append(f"FP8: the checkpoint holds no {self.fp8_state()} state; the amax histories start afresh")
-        if self.step >= t.iters:
-            lines.append(
-                f"train.iters={t.iters} is already reached: nothing to train "
-                "(raise train.iters to continue, or use a new run.dir to start over)"
-            )
-        return "\n".join(lines)
-
-    def describe_kernels(self) -> str:
-        """Which implementation computes the norms and the optimizer step, and why `auto` kept torch if it did."""
-        if self.cfg.optimizer.impl == "apex":
-            optimizer = "apex FusedAdam"
-        else:
-            fused = self.optimizer.param_groups[0].get("fused")
-            optimizer = "torch AdamW" + (" (fused)" if fused else " (not fused)")
-        return (f"kernels: norm {self.cfg.model.norm_impl}, optimizer {optimizer}"
-                + (f"; auto kept torch: {'; '.join(self.kept_torch)}" if self.kept_torch else ""))
-
     def run(self) -> dict:
         cfg = self.cfg
         if self.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
             with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
-            print("resolved config:\n" + _indent(cfg.to_yaml()), flush=True)
-            print(self.describe(), flush=True)
+            print("resolved config:\n" + indent(cfg.to_yaml()), flush=True)
+            print(describe(self), flush=True)
         self.model.train()
         t = cfg.train
         last_step = min(t.iters, t.stop_at_step or t.iters)
@@ -605,10 +547,6 @@ class Trainer:
         if self.rlp is not None:
             record.update(self.rlp.metrics())
         return record
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.rstrip().splitlines())
 
 
 def train(cfg: Config, world_size: int = 1, rank: int = 0) -> dict:

@@ -22,6 +22,7 @@ from parallel.placement import placement_of
 from parallel.topology import Topology
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.model import GPT
+from pretrain.run_description import describe
 from pretrain.trainer import Trainer, choose_kernels, train
 from tools import bench_norm_optim
 
@@ -118,7 +119,7 @@ def test_auto_keeps_torch_on_the_cpu_and_says_why(tmp_path, tiny_corpus, monkeyp
     trainer = Trainer(cpu_config(tmp_path, tiny_corpus, "train.iters=2", "eval.interval=0"))
     assert (trainer.cfg.model.norm_impl, trainer.cfg.optimizer.impl) == ("torch", "torch")
     assert type(trainer.optimizer.inner) is torch.optim.AdamW
-    assert f"kernels: norm torch, optimizer torch AdamW (fused); auto kept torch: {DEVICE}" in trainer.describe()
+    assert f"kernels: norm torch, optimizer torch AdamW (fused); auto kept torch: {DEVICE}" in describe(trainer)
     trainer.run()
     assert (calls.rms_norm, calls.adam_steps) == (0, 0)
 
@@ -190,7 +191,7 @@ def test_the_fake_apex_trains_to_torchs_losses(tmp_path, tiny_corpus, monkeypatc
     calls = fake_apex.install(monkeypatch)
     cfg = cpu_config(tmp_path / "apex", tiny_corpus, *extra)  # auto
     trainer = Trainer(cfg)
-    assert "kernels: norm apex, optimizer apex FusedAdam" in trainer.describe()
+    assert "kernels: norm apex, optimizer apex FusedAdam" in describe(trainer)
     assert isinstance(trainer.optimizer.inner, fake_apex.FusedAdam) and calls.adam_w_modes == [True]
     trainer.run()
     assert calls.rms_norm + calls.layer_norm > 0 and calls.adam_steps == cfg.train.iters
@@ -337,7 +338,7 @@ def test_real_apex_trains_to_torchs_losses_and_resumes_across(tmp_path, tiny_cor
     train(reference)
     cfg = tiny_config(tmp_path / "apex", tiny_corpus, *extra, "train.stop_at_step=3")
     trainer = Trainer(cfg)
-    assert "kernels: norm apex, optimizer apex FusedAdam" in trainer.describe()
+    assert "kernels: norm apex, optimizer apex FusedAdam" in describe(trainer)
     trainer.run()
     rest = tiny_config(tmp_path / "apex", tiny_corpus, *extra, "model.norm_impl=torch", "optimizer.impl=torch")
     train(rest)  # resumes apex's checkpoint under torch

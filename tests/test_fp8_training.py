@@ -19,6 +19,7 @@ import torch
 from conftest import tiny_config
 from multirank import run_ranks
 from pretrain.config import ConfigError
+from pretrain.run_description import describe
 from pretrain.trainer import Trainer, train
 from test_init_from import first_gradients
 from test_parallel_equivalence import MOE, layout_config, run_layout
@@ -159,7 +160,7 @@ def test_what_stays_in_bf16(tmp_path, tiny_corpus):
     # layers 1 and 2 only; attention.out [32, 32] = 1024 elements is below the threshold; qkv [64, 32] is not
     assert names == {f"layers.{i}.{g}" for i in (1, 2) for g in (
         "attention.qkv", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down")}
-    assert trainer.model.output.fp8 is None and "fp8 torch tensorwise hybrid: " in trainer.describe()
+    assert trainer.model.output.fp8 is None and "fp8 torch tensorwise hybrid: " in describe(trainer)
 
 
 BAD = {

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config
 from multirank import run_ranks
 from pretrain.checkpoint import CheckpointError
+from pretrain.run_description import describe
 from pretrain.trainer import Trainer, train
 from test_parallel_equivalence import full_gradients, layout_config
 
@@ -28,7 +29,7 @@ def test_a_fresh_run_starts_from_the_weights_and_nothing_else(tmp_path, tiny_cor
         weights, expected = _weights(fresh), _weights(saved)
         assert all(torch.equal(weights[name], expected[name]) for name in expected)
         assert fresh.optimizer.state_pieces() == []  # no Adam moments yet
-        assert "initialised from" in fresh.describe()
+        assert "initialised from" in describe(fresh)
     fresh.train_step()
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 2)  # its own warm-up, from step 1
 

@@ -21,6 +21,7 @@ from multirank import run_ranks
 from parallel.placement import placement_of
 from pretrain import checkpoint
 from pretrain.boxes import flat_boxes
+from pretrain.run_description import describe
 from pretrain.trainer import Trainer, train
 from test_parallel_equivalence import MOE, layout_config
 
@@ -67,7 +68,7 @@ def _resume(rank: int, world: int, cfg):
                 pieces.append((f"optim.{names[p]}.{moment}", tuple(o + s for o, s in zip(offsets, start)),
                                flat[at:at + n].view(sizes).clone()))
                 at += n
-    described = trainer.describe()
+    described = describe(trainer)
     trainer.run()
     return pieces, described
 

@@ -160,11 +160,12 @@ def run_foldtron(cfg, world_size: int, rank: int, *, warmup: int, steps: int):
     """foldtron's measurement, with what the report and the baseline need from the trainer."""
     from parallel.topology import Topology
     from pretrain.model import GPT
+    from pretrain.run_description import describe
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, world_size, rank)
     try:
-        description = trainer.describe()  # before the steps, after which it would say the run is done
+        description = describe(trainer)  # before the steps, after which it would say the run is done
         with torch.device("meta"):  # the whole model's parameters, whatever part of it this rank holds
             params = GPT(trainer.cfg.model, trainer.vocab_size, Topology.single()).num_parameters()
         clock = trainer.loader.next_step = WaitClock(trainer.loader.next_step)  # shadows the method
