@@ -36,6 +36,17 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def cpu_lacks_native_bf16() -> bool:
+    """Whether torch multiplies bf16 matrices on this CPU without oneDNN, whose bf16 kernels need AVX-512 (or
+    Arm's bf16): it then falls back to a plain loop, measured 125x slower than fp32 on an AVX2-only machine.
+    (torch's own check; a torch without it is taken to have the kernels.)"""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return probe is not None and not probe()
+    except RuntimeError:
+        return False
+
+
 def setup(cfg: Config, world_size: int, rank: int) -> torch.device:
     """The device of this rank; starts the process group when there is more than one rank.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from parallel.pipeline import describe_chunks
+from pretrain import distributed
 from pretrain.model import fp8 as fp8_model
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 def describe(trainer: Trainer) -> str:
     """What the run is, printed once at its start: the model, data, batch, layout and kernels, and every choice
-    made for the user (a resumed or resharded checkpoint, fresh FP8 histories)."""
+    made for the user (a resumed or resharded checkpoint, fresh FP8 histories, a slow bf16 CPU)."""
     m, t = trainer.cfg.model, trainer.cfg.train
     lines = [
         f"model: {trainer.model.num_parameters():,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
@@ -35,6 +36,9 @@ def describe(trainer: Trainer) -> str:
            f"EDP{trainer.topology.sizes.edp}" if m.moe.num_experts else ""),
         describe_kernels(trainer),
     ]
+    if trainer.device.type == "cpu" and trainer.cfg.precision.dtype == "bf16" and distributed.cpu_lacks_native_bf16():
+        lines.append("precision: this CPU lacks AVX-512, which oneDNN's bf16 matrix multiply needs: bf16 runs "
+                     "far slower than fp32 here (precision.dtype=fp32 for speed on this machine)")
     if trainer.topology.pp > 1:
         lines.append("pipeline: " + describe_chunks(trainer.chunks))
     if not trainer.data.validation and trainer.cfg.eval.interval:

@@ -18,6 +18,7 @@ from multirank import run_ranks
 from parallel.topology import Sizes, Topology
 from pretrain import distributed
 from pretrain.config_loading import load_config
+from pretrain.run_description import describe
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -102,6 +103,19 @@ def first_batched_exchange(rank, world):
     finally:
         dist.batch_isend_irecv = real
     return first[0]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tmp_path, tiny_corpus, monkeypatch, native):
+    """Without AVX-512 (which oneDNN's kernels need), torch multiplies bf16 matrices in a plain loop, ~100x slower
+    than fp32: the run's description says so, and points to fp32. fp32 runs are not flagged on any CPU."""
+    from pretrain.trainer import Trainer
+
+    monkeypatch.setattr(distributed, "cpu_lacks_native_bf16", lambda: not native)
+    for dtype in ("bf16", "fp32"):
+        described = describe(Trainer(tiny_config(tmp_path / dtype, tiny_corpus, f"precision.dtype={dtype}")))
+        flagged = "this CPU lacks AVX-512, which oneDNN's bf16" in described
+        assert flagged == (dtype == "bf16" and not native), (dtype, described)
 
 
 @pytest.mark.parametrize("stages", [2, 4])
